@@ -1,0 +1,3 @@
+from nixery.cli import main
+
+main()

@@ -1,0 +1,153 @@
+"""The `nixery` command line. The only place errors become exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nixery.errors import ConfigError, NixeryError
+
+
+def default_storage_path() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "nixery")
+
+
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--config FILE`: TOML whose keys are the long option names."""
+    if value:
+        try:
+            data = tomllib.loads(Path(value).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {value}: {exc}") from exc
+        ctx.default_map = {k.replace("-", "_"): v for k, v in data.items()}
+    return value
+
+
+@click.group()
+@click.version_option(package_name="nixery")
+def main() -> None:
+    """Nixery: a container registry that builds images on demand with Nix."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    envvar="NIXERY_CONFIG",
+    help="TOML file whose keys are these options' long names.",
+)
+@click.option("--host", default="0.0.0.0", show_default=True, envvar="NIXERY_HOST")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    envvar=["PORT", "NIXERY_PORT"],
+)
+@click.option(
+    "--pkgs-path", envvar=["NIXERY_PKGS_PATH"], help="A Nix file or directory with the package set."
+)
+@click.option(
+    "--channel",
+    envvar=["NIXERY_CHANNEL"],
+    help="A nixpkgs channel name or commit (default nixos-unstable).",
+)
+@click.option(
+    "--pkgs-repo", envvar=["NIXERY_PKGS_REPO"], help="A git repository with the package set."
+)
+@click.option(
+    "--storage-backend",
+    type=click.Choice(["filesystem"]),
+    default="filesystem",
+    show_default=True,
+    envvar=["NIXERY_STORAGE_BACKEND"],
+)
+@click.option(
+    "--storage-path",
+    default=default_storage_path,
+    show_default="$XDG_CACHE_HOME/nixery",
+    envvar=["STORAGE_PATH", "NIXERY_STORAGE_PATH"],
+)
+@click.option(
+    "--nix-timeout",
+    type=click.FloatRange(min=1),
+    default=60,
+    show_default=True,
+    envvar=["NIX_TIMEOUT", "NIXERY_NIX_TIMEOUT"],
+    help="Seconds a Nix step may take.",
+)
+@click.option(
+    "--popularity",
+    envvar=["NIX_POPULARITY_URL", "NIXERY_POPULARITY"],
+    help="Popularity JSON file or URL.",
+)
+@click.option(
+    "--layer-budget",
+    type=click.IntRange(1, 125),
+    default=94,
+    show_default=True,
+    envvar="NIXERY_LAYER_BUDGET",
+)
+@click.option(
+    "--platforms",
+    default=None,
+    envvar="NIXERY_PLATFORMS",
+    help="Comma-separated platforms to build, e.g. linux/amd64,linux/arm64 (default: host).",
+)
+@click.option(
+    "--overlay",
+    "overlays",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="NIXERY_OVERLAYS",
+    help="A nixpkgs overlay file; repeatable.",
+)
+@click.option(
+    "--compression-level",
+    type=click.IntRange(0, 3),
+    default=1,
+    show_default=True,
+    envvar="NIXERY_COMPRESSION_LEVEL",
+    help="gzip (ISA-L) level.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="NIXERY_LOG_LEVEL",
+)
+def serve(**options: Any) -> None:
+    """Serve images over the registry protocol."""
+    from nixery.config import Settings
+    from nixery.runtime import build_app
+    from nixery.server import serve as run_server
+
+    _setup_logging(options["log_level"])
+    try:
+        settings = Settings.from_options(options)
+        app = build_app(settings)
+    except NixeryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    run_server(app, settings.host, settings.port)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+__all__ = ["ConfigError", "main"]

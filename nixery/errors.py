@@ -1,0 +1,103 @@
+"""The exception hierarchy and the registry error codes they map to.
+
+Library code raises these; the HTTP layer renders `RegistryError`s in the
+distribution spec's JSON format and the CLI turns `NixeryError`s into exit
+codes. Nothing else decides statuses.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class ErrorCode(Enum):
+    """Error codes of the OCI distribution spec, with their HTTP status."""
+
+    BLOB_UNKNOWN = (404, "blob unknown to registry")
+    BLOB_UPLOAD_INVALID = (400, "blob upload invalid")
+    BLOB_UPLOAD_UNKNOWN = (404, "blob upload unknown to registry")
+    DIGEST_INVALID = (400, "provided digest did not match uploaded content")
+    MANIFEST_BLOB_UNKNOWN = (404, "manifest references a manifest or blob unknown to registry")
+    MANIFEST_INVALID = (400, "manifest invalid")
+    MANIFEST_UNKNOWN = (404, "manifest unknown to registry")
+    NAME_INVALID = (400, "invalid repository name")
+    NAME_UNKNOWN = (404, "repository name not known to registry")
+    SIZE_INVALID = (400, "provided length did not match content length")
+    TAG_INVALID = (400, "manifest tag did not match URI")
+    UNAUTHORIZED = (401, "authentication required")
+    DENIED = (403, "requested access to the resource is denied")
+    UNSUPPORTED = (405, "the operation is unsupported")
+    TOOMANYREQUESTS = (429, "too many requests")
+    RANGE_INVALID = (416, "requested range not satisfiable")
+    UNKNOWN = (500, "unknown error")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+    @property
+    def message(self) -> str:
+        return self.value[1]
+
+
+class NixeryError(Exception):
+    """Base of every error Nixery raises on purpose."""
+
+
+class RegistryError(NixeryError):
+    """An error that has a place in the registry protocol."""
+
+    def __init__(self, code: ErrorCode, detail: Any = None, message: str | None = None):
+        super().__init__(message or code.message)
+        self.code = code
+        self.detail = detail
+        self.message = message or code.message
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"code": self.code.name, "message": self.message}
+        if self.detail is not None:
+            entry["detail"] = self.detail
+        return {"errors": [entry]}
+
+
+class ConfigError(NixeryError):
+    """The configuration given to Nixery is inconsistent or unusable."""
+
+
+class CommandError(NixeryError):
+    """A subprocess exited unsuccessfully."""
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str):
+        tail = "\n".join(stderr.strip().splitlines()[-20:])
+        super().__init__(f"{argv[0]} exited with {returncode}: {tail}")
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class CommandTimeout(NixeryError):
+    """A subprocess ran longer than allowed and was killed."""
+
+    def __init__(self, argv: list[str], timeout: float, stderr: str):
+        super().__init__(f"{argv[0]} timed out after {timeout:g}s")
+        self.argv = argv
+        self.timeout = timeout
+        self.stderr = stderr
+
+
+class UnknownPackages(NixeryError):
+    """Some requested package names do not resolve in the package set."""
+
+    def __init__(self, names: list[str]):
+        super().__init__("unknown packages: " + ", ".join(names))
+        self.names = names
+
+
+class BuildFailed(NixeryError):
+    """Nix failed to evaluate or build an image's packages."""
+
+    def __init__(self, summary: str, log_tail: str):
+        super().__init__(summary)
+        self.summary = summary
+        self.log_tail = log_tail

@@ -1,0 +1,172 @@
+"""Image configs, manifests and indexes, and choosing one from `Accept`.
+
+Documents are serialised once, deterministically (fixed key order, compact
+separators), and their digests are taken over exactly the bytes served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from nixery.platforms import Platform
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST})
+CREATED = "1970-01-01T00:00:01Z"
+DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
+CA_FILE = "/etc/ssl/certs/ca-bundle.crt"
+
+
+class Format(Enum):
+    """The two manifest dialects; each has a single-image and a list type."""
+
+    OCI = (OCI_MANIFEST, OCI_INDEX, OCI_CONFIG, OCI_LAYER_GZIP)
+    DOCKER = (DOCKER_MANIFEST, DOCKER_LIST, DOCKER_CONFIG, DOCKER_LAYER_GZIP)
+
+    @property
+    def manifest_type(self) -> str:
+        return self.value[0]
+
+    @property
+    def index_type(self) -> str:
+        return self.value[1]
+
+    @property
+    def config_type(self) -> str:
+        return self.value[2]
+
+    @property
+    def layer_type(self) -> str:
+        return self.value[3]
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size, **extra}
+
+
+@dataclass(frozen=True)
+class Document:
+    """A serialised manifest or config, ready to store and serve."""
+
+    media_type: str
+    data: bytes
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.data).hexdigest()
+
+    def descriptor(self) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, len(self.data))
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What a client accepts, read as a set."""
+
+    formats: tuple[Format, ...]  # preference order: OCI first
+    index: bool  # the client understands an index / manifest list
+
+
+def parse_accept(values: Iterable[str]) -> set[str]:
+    """All media types named over every Accept header line, without params."""
+    types: set[str] = set()
+    for value in values:
+        for part in value.split(","):
+            media = part.split(";", 1)[0].strip().lower()
+            if media:
+                types.add(media)
+    return types
+
+
+def negotiate(accept: Iterable[str]) -> Negotiated:
+    types = parse_accept(accept)
+    formats = tuple(
+        f for f in (Format.OCI, Format.DOCKER) if f.manifest_type in types or f.index_type in types
+    )
+    if not formats:
+        # No usable preference (no header, */*, or schema1 only): serve OCI,
+        # the format every current client reads.
+        formats = (Format.OCI,)
+    index = any(f.index_type in types for f in formats)
+    return Negotiated(formats, index)
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def image_config(
+    platform: Platform,
+    diff_ids: Sequence[str],
+    histories: Sequence[str],
+    cmd: Sequence[str] | None,
+) -> dict[str, Any]:
+    config: dict[str, Any] = {"Env": [f"PATH={DEFAULT_PATH}", f"SSL_CERT_FILE={CA_FILE}"]}
+    if cmd:
+        config["Cmd"] = list(cmd)
+    out: dict[str, Any] = {
+        "created": CREATED,
+        "architecture": platform.architecture,
+        "os": platform.os,
+    }
+    if platform.variant:
+        out["variant"] = platform.variant
+    out |= {
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": [{"created": CREATED, "created_by": h} for h in histories],
+    }
+    return out
+
+
+def config_document(config: dict[str, Any], fmt: Format) -> Document:
+    return Document(fmt.config_type, canonical_json(config))
+
+
+def manifest_document(fmt: Format, config: Descriptor, layers: Sequence[Descriptor]) -> Document:
+    body = {
+        "schemaVersion": 2,
+        "mediaType": fmt.manifest_type,
+        "config": Descriptor(fmt.config_type, config.digest, config.size).to_json(),
+        "layers": [layer.to_json() for layer in layers],
+    }
+    return Document(fmt.manifest_type, canonical_json(body))
+
+
+def index_document(fmt: Format, manifests: Sequence[tuple[Platform, Descriptor]]) -> Document:
+    body = {
+        "schemaVersion": 2,
+        "mediaType": fmt.index_type,
+        "manifests": [d.to_json(platform=p.descriptor()) for p, d in manifests],
+    }
+    return Document(fmt.index_type, canonical_json(body))
+
+
+def media_type_of(data: bytes) -> str | None:
+    """The `mediaType` of a stored manifest, or None if it is not one."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    media = value.get("mediaType") if isinstance(value, dict) else None
+    return media if media in MANIFEST_TYPES else None

@@ -1,0 +1,86 @@
+"""From an image name to the packages and platform it asks for.
+
+The grammars are those of the OCI distribution spec; everything that fails
+them is rejected before any other work happens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nixery.errors import ErrorCode, RegistryError
+from nixery.platforms import ARM64, Platform
+
+NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"{NAME_COMPONENT}(?:/{NAME_COMPONENT})*")
+TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
+
+MAX_NAME_LENGTH = 255
+DEFAULT_MAX_PACKAGES = 64
+
+SHELL_PACKAGES = ("bashInteractive", "coreutils", "moreutils", "nano")
+ALWAYS_INCLUDED = ("cacert", "iana-etc")
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What an image name means: a sorted package list and maybe a platform."""
+
+    packages: tuple[str, ...]
+    platform: Platform | None  # None: the registry's configured platforms
+
+    @property
+    def requested(self) -> tuple[str, ...]:
+        return tuple(p for p in self.packages if p not in ALWAYS_INCLUDED)
+
+
+def validate_name(name: str) -> None:
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
+        raise RegistryError(ErrorCode.NAME_INVALID, {"name": name[:MAX_NAME_LENGTH]})
+
+
+def validate_tag(tag: str) -> None:
+    if not TAG_RE.fullmatch(tag):
+        raise RegistryError(ErrorCode.TAG_INVALID, {"tag": tag[:128]})
+
+
+def validate_digest(digest: str) -> None:
+    """Accept any digest the spec's grammar allows; only sha256 is stored."""
+    if len(digest) > 256 or not DIGEST_RE.fullmatch(digest):
+        raise RegistryError(ErrorCode.DIGEST_INVALID, {"digest": digest[:256]})
+    if digest.startswith("sha256:") and not SHA256_RE.fullmatch(digest):
+        raise RegistryError(ErrorCode.DIGEST_INVALID, {"digest": digest})
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def parse_image_name(name: str, max_packages: int = DEFAULT_MAX_PACKAGES) -> ImageRequest:
+    """Turn `shell/git/curl` into the package attributes it names."""
+    validate_name(name)
+    components = name.split("/")
+    if len(components) > max_packages:
+        raise RegistryError(
+            ErrorCode.NAME_INVALID,
+            {"name": name, "reason": f"at most {max_packages} packages per image"},
+        )
+    packages: set[str] = set(ALWAYS_INCLUDED)
+    platform: Platform | None = None
+    for component in components:
+        if component == "shell":
+            packages.update(SHELL_PACKAGES)
+        elif component == "arm64":
+            platform = ARM64
+        else:
+            packages.add(attribute_name(component))
+    return ImageRequest(tuple(sorted(packages)), platform)
+
+
+def attribute_name(component: str) -> str:
+    """Nix attributes cannot start with a digit; nixpkgs prefixes an underscore."""
+    parts = component.split(".")
+    return ".".join(f"_{p}" if p[:1].isdigit() else p for p in parts)

@@ -1,0 +1,80 @@
+# Resolves image package names in a package set.
+#
+# Everything request-derived arrives as JSON data in `argsFile`; this file is
+# the only Nix code that runs, so a package name can never become Nix source.
+#
+# args = {
+#   source   = { kind = "path"; path = "/abs/path"; };
+#   system   = "x86_64-linux";
+#   overlays = [ "/abs/overlay.nix" ... ];
+#   packages = [ "hello" "haskellPackages.pandoc" ... ];
+# }
+#
+# Result: { unknown = [ name ... ]; packages = [ { name, attrPath, drv, out,
+# output } ... ]; } where `unknown` lists every name that does not
+# resolve to a derivation.
+{ argsFile }:
+let
+  args = builtins.fromJSON (builtins.readFile argsFile);
+
+  loadSource = source:
+    if source.kind == "path" then import source.path
+    else if source.kind == "tarball" then import (builtins.fetchTarball { url = source.url; } + "")
+    else throw "nixery: unsupported package source kind ${source.kind}";
+
+  overlays = map import (args.overlays or [ ]);
+
+  imported = loadSource args.source;
+  pkgs =
+    if builtins.isFunction imported
+    then imported { system = args.system; inherit overlays; }
+    else imported;
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = builtins.replaceStrings upper lower;
+
+  # Registry names are lowercase, so an exact miss falls back to the first
+  # (sorted) attribute whose lowercase form matches.
+  findKey = set: name:
+    if builtins.hasAttr name set then name
+    else
+      let matches = builtins.filter (n: toLower n == toLower name) (builtins.attrNames set);
+      in if matches == [ ] then null else builtins.head matches;
+
+  lookup = set: parts:
+    if parts == [ ] then { found = true; value = set; path = [ ]; }
+    else
+      let
+        ok = (builtins.tryEval (builtins.isAttrs set)).value or false;
+        key = if ok then findKey set (builtins.head parts) else null;
+        child = builtins.tryEval (builtins.getAttr key set);
+        rest = if key == null || !child.success then { found = false; } else lookup child.value (builtins.tail parts);
+      in
+      if rest.found then rest // { path = [ key ] ++ rest.path; } else { found = false; };
+
+  splitName = name: builtins.filter builtins.isString (builtins.split "\\." name);
+
+  isDerivation = v: builtins.isAttrs v && (v.type or null) == "derivation";
+
+  resolve = name:
+    let
+      r = lookup pkgs (splitName name);
+      isDrv = r.found && (builtins.tryEval (isDerivation r.value)).value or false;
+      drv = builtins.tryEval r.value.drvPath;
+    in
+    if isDrv && drv.success then {
+      inherit name;
+      attrPath = builtins.concatStringsSep "." r.path;
+      # Not `outPath`: an attrset with that key is serialised as a bare path.
+      drv = builtins.unsafeDiscardStringContext drv.value;
+      out = builtins.unsafeDiscardStringContext r.value.outPath;
+      output = r.value.outputName or "out";
+    } else { inherit name; unknown = true; };
+
+  results = map resolve args.packages;
+in
+{
+  unknown = map (r: r.name) (builtins.filter (r: r ? unknown) results);
+  packages = builtins.filter (r: !(r ? unknown)) results;
+}

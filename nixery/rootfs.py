@@ -1,0 +1,100 @@
+"""The image's root file system: the requested packages joined under `/`.
+
+Like Nix's `buildEnv`, a top-level directory that only one package has
+becomes a symlink to it; one that several packages have becomes a real
+directory whose children are joined the same way. On a file conflict the
+package that sorts first wins. Then the conventional files a container
+expects are added: `/tmp`, `/usr/bin/env`, `/etc/passwd`, `/etc/group` and
+the CA bundle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/var/empty:/bin/false\n"
+GROUP = b"root:x:0:\nnobody:x:65534:\n"
+CA_BUNDLE = "etc/ssl/certs/ca-bundle.crt"
+CA_ALIASES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt")
+
+
+@dataclass(frozen=True)
+class RootEntry:
+    path: str  # relative to `/`, no leading slash
+    kind: str  # "dir", "symlink" or "file"
+    mode: int = 0o755
+    target: str = ""
+    content: bytes = b""
+
+
+class _Tree:
+    """A mutable view of the root: relative path -> entry."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, RootEntry] = {}
+
+    def join(self, rel: str, sources: Sequence[str]) -> None:
+        names = sorted({n for src in sources for n in _listdir(src)})
+        for name in names:
+            path = f"{rel}/{name}" if rel else name
+            providers = [
+                os.path.join(s, name) for s in sources if os.path.lexists(os.path.join(s, name))
+            ]
+            dirs = [p for p in providers if os.path.isdir(p)]
+            if len(providers) > 1 and len(dirs) == len(providers):
+                self.entries[path] = RootEntry(path, "dir")
+                self.join(path, dirs)
+            else:
+                self.entries[path] = RootEntry(path, "symlink", target=providers[0])
+
+    def ensure_dir(self, path: str) -> None:
+        """Make `path` a real directory, expanding symlinked parents."""
+        parent = path.rpartition("/")[0]
+        if parent:
+            self.ensure_dir(parent)
+        existing = self.entries.get(path)
+        if existing and existing.kind == "dir":
+            return
+        self.entries[path] = RootEntry(path, "dir")
+        if existing and existing.kind == "symlink" and os.path.isdir(existing.target):
+            # Keep what the symlinked directory provided, one level down.
+            for name in sorted(os.listdir(existing.target)):
+                child = f"{path}/{name}"
+                self.entries[child] = RootEntry(
+                    child, "symlink", target=os.path.join(existing.target, name)
+                )
+
+    def put(self, entry: RootEntry) -> None:
+        parent = entry.path.rpartition("/")[0]
+        if parent:
+            self.ensure_dir(parent)
+        self.entries[entry.path] = entry
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path) if os.path.isdir(path) else []
+    except OSError:
+        return []
+
+
+def root_entries(packages: Sequence[tuple[str, str]]) -> list[RootEntry]:
+    """`packages` are (attribute name, store path) pairs, in any order."""
+    tree = _Tree()
+    ordered = sorted(packages)
+    tree.join("", [out for _, out in ordered])
+    outs = dict(ordered)
+
+    tree.put(RootEntry("tmp", "dir", mode=0o1777))
+    coreutils = outs.get("coreutils")
+    if coreutils and os.path.exists(os.path.join(coreutils, "bin", "env")):
+        tree.put(RootEntry("usr/bin/env", "symlink", target=os.path.join(coreutils, "bin", "env")))
+    tree.put(RootEntry("etc/passwd", "file", mode=0o644, content=PASSWD))
+    tree.put(RootEntry("etc/group", "file", mode=0o644, content=GROUP))
+    cacert = outs.get("cacert")
+    if cacert and os.path.exists(os.path.join(cacert, CA_BUNDLE)):
+        for alias in CA_ALIASES:
+            tree.put(RootEntry(alias, "symlink", target=os.path.join(cacert, CA_BUNDLE)))
+    return list(tree.entries.values())

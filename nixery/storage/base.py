@@ -1,0 +1,120 @@
+"""The storage interface every backend implements."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import TracebackType
+from typing import BinaryIO
+
+from nixery.errors import NixeryError
+
+SHA256_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
+KEY = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*")
+
+
+class StorageError(NixeryError):
+    """The backend failed to read or write."""
+
+
+def validate_digest(digest: str) -> str:
+    """Return the hex part of a sha256 digest; refuse anything else."""
+    if not SHA256_DIGEST.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest[:80]!r}")
+    return digest[len("sha256:") :]
+
+
+def validate_key(key: str) -> str:
+    if len(key) > 512 or not KEY.fullmatch(key) or ".." in key:
+        raise ValueError(f"invalid storage key: {key[:80]!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    """How to serve a blob: a local file, or a URL to redirect the client to."""
+
+    size: int
+    path: str | None = None
+    url: str | None = None
+
+
+class BlobWriter(ABC):
+    """Receives a blob's bytes; nothing is visible until `commit` succeeds."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        self._write(data)
+        return len(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+    def commit(self, expected: str | None = None) -> str:
+        """Publish the blob under its digest; return that digest."""
+        digest = self.digest
+        if expected is not None and expected != digest:
+            self.abort()
+            raise StorageError(f"blob digest {digest} does not match expected {expected}")
+        self._commit(digest)
+        return digest
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+    @abstractmethod
+    def _write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def _commit(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard uncommitted data; harmless after commit."""
+
+
+class Storage(ABC):
+    @abstractmethod
+    def blob_writer(self) -> BlobWriter: ...
+
+    @abstractmethod
+    def locate_blob(self, digest: str) -> BlobLocation | None:
+        """Where to serve a blob from, or None if it does not exist."""
+
+    @abstractmethod
+    def open_blob(self, digest: str) -> BinaryIO | None: ...
+
+    @abstractmethod
+    def get_document(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def put_document(self, key: str, data: bytes) -> None:
+        """Atomically replace the document at `key`."""
+
+    def put_blob(self, data: bytes) -> str:
+        with self.blob_writer() as writer:
+            writer.write(data)
+            return writer.commit()
+
+    def read_blob(self, digest: str) -> bytes | None:
+        fh = self.open_blob(digest)
+        if fh is None:
+            return None
+        with fh:
+            return fh.read()
