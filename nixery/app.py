@@ -130,7 +130,7 @@ def create_app(service: ImageService, storage: Storage) -> Bottle:
             ErrorCode.UNSUPPORTED, {"method": request.method}, "this registry is pull-only"
         )
 
-    @app.route("/<path:path>", method=["GET", "HEAD", *WRITE_METHODS])
+    @app.route("/<path:path>", method=["GET", *WRITE_METHODS])
     def not_found(path: str) -> HTTPResponse:
         raise RegistryError(ErrorCode.NAME_UNKNOWN, {"path": "/" + path[:200]}, "no such endpoint")
 

@@ -188,20 +188,26 @@ class ImageService:
                 {"unknown_packages": exc.names},
                 message="unknown packages: " + ", ".join(exc.names),
             ) from exc
-        built = self._pack(packages, platform)
+        built, packed = self._pack(packages, platform)
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
         log.info(
-            "built %s for %s in %.2fs (%d layers)",
-            ",".join(request.packages), platform, time.monotonic() - started, len(built.layers),
+            "built %s for %s in %.2fs (%d layers, packed %d layers)",
+            ",".join(request.packages), platform, time.monotonic() - started,
+            len(built.layers), packed,
         )  # fmt: skip
         return built
 
-    def _pack(self, packages: Sequence[ResolvedPackage], platform: Platform) -> BuiltImage:
+    def _pack(
+        self, packages: Sequence[ResolvedPackage], platform: Platform
+    ) -> tuple[BuiltImage, int]:
+        """Build the packages and store the image; also return how many layers were packed."""
         outs = self.nix.realise(packages)
         graph = self.nix.closure(outs)
         groups = group_layers(graph, self.popularity, self.settings.layer_budget)
-        layers = [self._store_layer(group) for group in groups]
-        layers.append(self._root_layer(packages))
+        results = [self._store_layer(group) for group in groups]
+        results.append(self._root_layer(packages))
+        layers = [layer for layer, _ in results]
+        packed = sum(1 for _, was_packed in results if was_packed)
         histories = [_history(layer.paths) for layer in layers[:-1]] + ["nixery: root file system"]
         names = {p.attr_path for p in packages}
         cmd = ["bash"] if "bashInteractive" in names else None
@@ -214,16 +220,16 @@ class ImageService:
             manifest = manifest_document(fmt, config_doc.descriptor(), descriptors)
             self.storage.put_blob(manifest.data)
             manifests[fmt.name] = manifest.descriptor()
-        return BuiltImage(manifests, tuple(layers), tuple(sorted(names)))
+        return BuiltImage(manifests, tuple(layers), tuple(sorted(names))), packed
 
-    def _store_layer(self, group: LayerGroup) -> Layer:
+    def _store_layer(self, group: LayerGroup) -> tuple[Layer, bool]:
         key = f"layers/{_key(FORMAT_VERSION, group.paths, self.settings.compression_level)}.json"
         level = self.settings.compression_level
         return self._cached_layer(
             key, group.paths, lambda w: archive.write_store_layer(group.paths, w, level)
         )
 
-    def _root_layer(self, packages: Sequence[ResolvedPackage]) -> Layer:
+    def _root_layer(self, packages: Sequence[ResolvedPackage]) -> tuple[Layer, bool]:
         pairs = sorted((p.attr_path, p.out) for p in packages)
         key = f"layers/{_key(FORMAT_VERSION, 'root', pairs, self.settings.compression_level)}.json"
         level = self.settings.compression_level
@@ -233,20 +239,20 @@ class ImageService:
 
     def _cached_layer(
         self, key: str, paths: tuple[str, ...], write: Callable[[BlobWriter], PackedLayer]
-    ) -> Layer:
-        """Reuse the layer stored under `key`, or pack it with `write`."""
+    ) -> tuple[Layer, bool]:
+        """Reuse the layer stored under `key`, or pack it with `write` (then True)."""
         cached = self.storage.get_document(key)
         if cached is not None:
             layer = Layer.from_json(json.loads(cached))
             if self.storage.locate_blob(layer.digest) is not None:
-                return layer
+                return layer, False
         with self.storage.blob_writer() as writer:
             packed = write(writer)
             digest = writer.commit()
             layer = Layer(digest, writer.size, packed.diff_id, paths)
         self.layers_packed += 1
         self.storage.put_document(key, json.dumps(layer.to_json()).encode())
-        return layer
+        return layer, True
 
 
 def _history(paths: Sequence[str]) -> str:

@@ -1,0 +1,112 @@
+"""Shared fixtures: the offline package set and a real server process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+FIXTURE_PKGS = Path(__file__).parent / "fixtures" / "pkgs"
+
+# No binary cache is reachable here; the fixture builds from local files.
+os.environ.setdefault("NIX_CONFIG", "substituters =\nextra-platforms = aarch64-linux")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    host: str  # host:port, as clients name the registry
+    storage: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+StartServer = Callable[..., Server]
+
+
+@pytest.fixture
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """Start `nixery serve` on a free port; extra CLI arguments pass through."""
+    servers: list[Server] = []
+
+    def start(*args: str, storage: Path | None = None, env: dict[str, str] | None = None) -> Server:
+        base = tmp_path_factory.mktemp("server")
+        storage = storage or base / "storage"
+        port = free_port()
+        log = base / "server.log"
+        argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--storage-path", str(storage), *args]  # fmt: skip
+        if not any(a in args for a in ("--pkgs-path", "--channel", "--pkgs-repo")):
+            argv += ["--pkgs-path", str(FIXTURE_PKGS)]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        server = Server(proc, f"127.0.0.1:{port}", storage, log)
+        servers.append(server)
+        try:
+            wait_for(server.url + "/v2/")
+        except OSError:
+            server.stop()
+            raise RuntimeError("server did not start:\n" + server.log_text()) from None
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> Server:
+    return start_server()
+
+
+def require(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing tools {missing}: run .ci/run or install them (see README)")

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+from nixery.archive import write_root_layer, write_store_layer
+from nixery.rootfs import root_entries
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+
+    def write(self, data: bytes) -> int:
+        return self.buf.write(data)
+
+
+def fake_store_path(root: Path, name: str) -> Path:
+    """A tree with every kind of entry a store path can hold."""
+    out = root / name
+    (out / "bin").mkdir(parents=True)
+    (out / "lib" / "deep").mkdir(parents=True)
+    (out / "bin" / "tool").write_text("#!/bin/sh\necho tool\n")
+    os.chmod(out / "bin" / "tool", 0o555)
+    (out / "lib" / "deep" / ("long-" * 40 + ".so")).write_bytes(b"\x7fELF" + bytes(range(256)) * 50)
+    os.symlink("../bin/tool", out / "lib" / "link")
+    os.link(out / "bin" / "tool", out / "lib" / "hardlink")
+    return out
+
+
+def pack(paths: list[str], level: int = 1) -> tuple[bytes, str]:
+    sink = Collect()
+    packed = write_store_layer(paths, sink, level)
+    return sink.buf.getvalue(), packed.diff_id
+
+
+def test_layers_are_byte_identical_and_diff_id_matches(tmp_path: Path) -> None:
+    a = fake_store_path(tmp_path, "aaa-a")
+    b = fake_store_path(tmp_path, "bbb-b")
+    blob1, diff1 = pack([str(b), str(a)])
+    os.utime(a / "bin" / "tool", (12345, 12345))  # host metadata must not leak in
+    blob2, diff2 = pack([str(a), str(b)])
+    assert blob1 == blob2
+    raw = gzip.decompress(blob1)
+    assert diff1 == diff2 == "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def test_entries_are_sorted_normalised_and_complete(tmp_path: Path) -> None:
+    a = fake_store_path(tmp_path, "aaa-a")
+    blob, _ = pack([str(a)])
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names[:2] == ["nix", "nix/store"]
+    assert all(m.mode == 0o755 for m in members[:2] if m.isdir())
+    for m in members:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (1, 0, 0, "", "")
+        assert not m.pax_headers.keys() - {"path", "linkpath"}
+    prefix = str(a).lstrip("/")
+    by_name = {m.name: m for m in members}
+    assert by_name[f"{prefix}/lib/link"].issym()
+    assert by_name[f"{prefix}/lib/link"].linkname == "../bin/tool"
+    assert by_name[f"{prefix}/lib/hardlink"].isfile()  # hard links become files
+    assert by_name[f"{prefix}/bin/tool"].mode == 0o555
+    store_names = [n for n in names if n.startswith(prefix)]
+    assert store_names == sorted(store_names, key=lambda n: n.split("/"))
+
+
+def test_root_layer_joins_packages(tmp_path: Path) -> None:
+    a = fake_store_path(tmp_path, "aaa-a")
+    b = tmp_path / "bbb-b"
+    (b / "bin").mkdir(parents=True)
+    (b / "bin" / "other").write_text("x")
+    (b / "share").mkdir()
+    entries = {e.path: e for e in root_entries([("b", str(b)), ("a", str(a))])}
+    assert entries["bin"].kind == "dir"
+    assert entries["bin/tool"].target == str(a / "bin" / "tool")
+    assert entries["bin/other"].target == str(b / "bin" / "other")
+    assert entries["share"].target == str(b / "share")
+    assert entries["lib"].target == str(a / "lib")
+    assert entries["tmp"].mode == 0o1777
+    assert b"root:x:0:0" in entries["etc/passwd"].content
+    sink1, sink2 = Collect(), Collect()
+    write_root_layer(list(entries.values()), sink1)
+    write_root_layer(list(reversed(entries.values())), sink2)
+    assert sink1.buf.getvalue() == sink2.buf.getvalue()
+
+
+def test_root_layer_expands_symlinked_dirs_to_add_files(tmp_path: Path) -> None:
+    cacert = tmp_path / "ccc-cacert"
+    (cacert / "etc" / "ssl" / "certs").mkdir(parents=True)
+    (cacert / "etc" / "ssl" / "certs" / "ca-bundle.crt").write_text("CERT")
+    entries = {e.path: e for e in root_entries([("cacert", str(cacert))])}
+    assert entries["etc"].kind == "dir"
+    assert entries["etc/ssl/certs/ca-bundle.crt"].kind == "symlink"
+    assert entries["etc/ssl/certs/ca-certificates.crt"].target.endswith("ca-bundle.crt")
