@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tomllib
-from pathlib import Path
 from typing import Any
 
 import click
 
+from nixery import configfile
 from nixery.errors import ConfigError, NixeryError
 
 
@@ -23,10 +22,9 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     """`--config FILE`: TOML whose keys are the long option names."""
     if value:
         try:
-            data = tomllib.loads(Path(value).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise click.BadParameter(f"cannot read {value}: {exc}") from exc
-        ctx.default_map = {k.replace("-", "_"): v for k, v in data.items()}
+            ctx.default_map = configfile.load_defaults(ctx.command, value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from exc
     return value
 
 
@@ -64,6 +62,11 @@ def main() -> None:
 )
 @click.option(
     "--pkgs-repo", envvar=["NIXERY_PKGS_REPO"], help="A git repository with the package set."
+)
+@click.option(
+    "--default-pkgs-path",
+    envvar="NIXERY_DEFAULT_PKGS_PATH",
+    help="The package set to use when no source is configured (default: the channel).",
 )
 @click.option(
     "--storage-backend",
@@ -140,6 +143,25 @@ def serve(**options: Any) -> None:
     except NixeryError as exc:
         raise click.ClickException(str(exc)) from exc
     run_server(app, settings.host, settings.port)
+
+
+@main.command("check-config")
+@click.option(
+    "--syntax-only",
+    is_flag=True,
+    help="Check option names and values only, not that named files exist "
+    "(for checking at build time, where files outside the Nix store are not visible).",
+)
+@click.argument("file", type=click.Path(dir_okay=False))
+def check_config(file: str, syntax_only: bool) -> None:
+    """Check a `serve --config` FILE the way `serve` reads it, without serving."""
+    from nixery.config import Settings
+
+    try:
+        configfile.check(serve, file, Settings.from_options, syntax_only=syntax_only)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{file}: ok")
 
 
 def _setup_logging(level: str) -> None:

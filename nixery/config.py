@@ -12,6 +12,9 @@ from nixery.errors import ConfigError
 from nixery.platforms import Platform, host_platform, parse_platform
 from nixery.sources import SourceConfig, source_config
 
+# The options that each name a package source; at most one may be given.
+SOURCE_OPTIONS = ("pkgs_path", "channel", "pkgs_repo", "flake")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -33,7 +36,7 @@ class Settings:
             host=options["host"],
             port=options["port"],
             source=source_config(
-                options.get("pkgs_path"), options.get("channel"), options.get("pkgs_repo")
+                _pkgs_path(options), options.get("channel"), options.get("pkgs_repo")
             ),
             storage_backend=options["storage_backend"],
             storage_path=os.path.abspath(options["storage_path"]),
@@ -44,6 +47,13 @@ class Settings:
             overlays=tuple(os.path.abspath(o) for o in options.get("overlays") or ()),
             compression_level=int(options["compression_level"]),
         )
+
+
+def _pkgs_path(options: Mapping[str, Any]) -> str | None:
+    """`--pkgs-path`, or `--default-pkgs-path` when no source is configured at all."""
+    if any(options.get(name) for name in SOURCE_OPTIONS):
+        return options.get("pkgs_path")
+    return options.get("default_pkgs_path")
 
 
 def parse_platforms(text: str | None) -> tuple[Platform, ...]:

@@ -12,6 +12,8 @@ from nixery.errors import BuildFailed, UnknownPackages
 from nixery.nix import Nix, NixSource
 from tests.conftest import FIXTURE_PKGS
 
+pytestmark = pytest.mark.nix
+
 SOURCE = NixSource("path", str(FIXTURE_PKGS))
 SYSTEM = "x86_64-linux"
 

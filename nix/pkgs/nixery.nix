@@ -1,23 +1,81 @@
-{ lib, python3Packages, nix, git, makeWrapper }:
+{
+  lib,
+  python3Packages,
+  nix,
+  git,
+}:
 
 let
-  pyproject = builtins.fromTOML (builtins.readFile ../../pyproject.toml);
+  pyproject = lib.importTOML ../../pyproject.toml;
+
+  # "click>=8.1" -> python3Packages.click: nixpkgs names Python packages by
+  # their normalised PyPI name, so pyproject.toml stays the one list to edit.
+  pypiName =
+    requirement:
+    lib.toLower (
+      builtins.replaceStrings [ "_" "." ] [ "-" "-" ] (
+        builtins.head (builtins.match "[[:space:]]*([A-Za-z0-9._-]+).*" requirement)
+      )
+    );
+  fromPyPI = requirement: python3Packages.${pypiName requirement};
+
+  # The linters run in the flake's `lint` check, not in the package build.
+  linters = [
+    "pytest"
+    "ruff"
+    "mypy"
+  ];
+  testRequirements = lib.filter (r: !(builtins.elem (pypiName r) linters)) (
+    pyproject.project.optional-dependencies.test or [ ]
+  );
 in
 python3Packages.buildPythonApplication {
   pname = "nixery";
   inherit (pyproject.project) version;
   pyproject = true;
-  src = lib.cleanSource ../..;
+
+  src = lib.fileset.toSource {
+    root = ../..;
+    fileset = lib.fileset.unions [
+      ../../pyproject.toml
+      ../../README.md
+      ../../nixery
+      ../../tests
+    ];
+  };
 
   build-system = [ python3Packages.setuptools ];
-  dependencies = with python3Packages; [ bottle cheroot click isal networkx ];
-  nativeBuildInputs = [ makeWrapper ];
+  dependencies = map fromPyPI pyproject.project.dependencies;
 
-  makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ nix git ]) ];
+  # Nixery runs nix-instantiate and nix-store, and git for git sources.
+  makeWrapperArgs = [
+    "--prefix"
+    "PATH"
+    ":"
+    (lib.makeBinPath [
+      nix
+      git
+    ])
+  ];
+
+  nativeCheckInputs = [ python3Packages.pytestCheckHook ] ++ map fromPyPI testRequirements;
+  # The unit tests: the `nix` and `e2e` ones need Nix, the fixture package set
+  # built from the host's files, and real registry clients.
+  pytestFlagsArray = [
+    "-m"
+    "not e2e and not nix"
+  ];
+  pythonImportsCheck = [ "nixery" ];
+
+  # The expressions Nixery evaluates at run time ship as package data.
+  postInstall = ''
+    test -f "$out/${python3Packages.python.sitePackages}/nixery/nixexprs/resolve.nix"
+  '';
 
   meta = {
-    description = pyproject.project.description;
+    inherit (pyproject.project) description;
     license = lib.licenses.asl20;
+    platforms = lib.platforms.linux;
     mainProgram = "nixery";
   };
 }

@@ -1,0 +1,3 @@
+final: _prev: {
+  nixery = final.callPackage ./pkgs/nixery.nix { };
+}
