@@ -97,7 +97,7 @@ def check(
         except click.ClickException as exc:
             errors.append(exc.format_message())
     if errors:
-        raise ConfigError(_problems(path, errors))
+        raise ConfigError(_problems(path, list(dict.fromkeys(errors))))
     try:
         ctx = checker.make_context(command.name, [], default_map=values)
     except click.ClickException as exc:
@@ -119,8 +119,9 @@ def _file_only(command: click.Command, relax_paths: bool) -> click.Command:
         param = copy.copy(param)
         param.envvar = None
         if relax_paths and isinstance(param.type, click.Path):
-            param.type = copy.copy(param.type)
-            param.type.exists = False
+            relaxed = copy.copy(param.type)
+            relaxed.exists = False
+            param.type = relaxed
         checker.params.append(param)
     return checker
 
