@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
 from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError
 from nixery.images import ImageService
-from nixery.manifest import Document, negotiate
-from nixery.names import validate_digest, validate_name
-from nixery.storage import Storage
+from nixery.manifest import OCI_INDEX, Document, Format, index_document, negotiate
+from nixery.names import is_sha256, validate_digest, validate_name, validate_tag
+from nixery.storage import BlobLocation, Storage
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,12 @@ def _registry_errors(callback: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Whether an If-None-Match value names `etag` (weak comparison, RFC 9110)."""
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
 def _manifest_response(document: Document) -> HTTPResponse:
     etag = f'"{document.digest}"'
     headers = {
@@ -72,18 +77,89 @@ def _manifest_response(document: Document) -> HTTPResponse:
         "ETag": etag,
         "Content-Length": str(len(document.data)),
     }
-    if_none_match = request.get_header("If-None-Match", "")
-    if etag in [t.strip() for t in if_none_match.split(",")]:
-        return HTTPResponse(
-            status=304, headers={k: v for k, v in headers.items() if k != "Content-Length"}
-        )
+    if etag_matches(request.get_header("If-None-Match", ""), etag):
+        return HTTPResponse(status=304, headers=headers)
     return HTTPResponse(document.data, status=200, headers=headers)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one `[start, end)` range a Range header asks for; None means the whole blob.
+
+    Other units and multi-range requests are ignored (RFC 9110 allows that);
+    a bytes range that fits nowhere is `RANGE_INVALID`.
+    """
+    if not header or not header.strip().startswith("bytes="):
+        return None
+    ranges = list(bottle.parse_range_header(header.strip(), size))
+    if not ranges:
+        raise RegistryError(ErrorCode.RANGE_INVALID, {"size": size}, "range not satisfiable")
+    return ranges[0] if len(ranges) == 1 else None
+
+
+def _chunks(fh: BinaryIO, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with fh:
+        fh.seek(start)
+        remaining = end - start
+        while remaining > 0:
+            data = fh.read(min(chunk, remaining))
+            if not data:
+                return
+            remaining -= len(data)
+            yield data
+
+
+def _blob_response(digest: str, location: BlobLocation) -> HTTPResponse:
+    headers = {"Docker-Content-Digest": digest}
+    if location.url is not None:
+        return HTTPResponse(status=307, headers={**headers, "Location": location.url})
+    assert location.path is not None
+    etag = f'"{digest}"'
+    headers |= {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+    if etag_matches(request.get_header("If-None-Match", ""), etag):
+        return HTTPResponse(status=304, headers=headers)
+    size = location.size
+    try:
+        span = byte_range(request.get_header("Range"), size)
+    except RegistryError as exc:
+        response = error_response(exc)
+        response.set_header("Content-Range", f"bytes */{size}")
+        return response
+    start, end = span or (0, size)
+    headers["Content-Length"] = str(end - start)
+    status = 200
+    if span is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if request.method == "HEAD":
+        return HTTPResponse(status=status, headers=headers)
+    try:
+        fh = open(location.path, "rb")
+    except FileNotFoundError:
+        raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": digest}) from None
+    return HTTPResponse(_chunks(fh, start, end), status=status, headers=headers)
+
+
+def tag_page(tags: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """The tags after `last`, at most `n` of them, and whether more follow."""
+    rest = [t for t in sorted(tags) if last is None or t > last]
+    if n is None:
+        return rest, False
+    return rest[:n], 0 < n < len(rest)
+
+
+def _page_size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 9:
+        raise RegistryError(ErrorCode.PAGINATION_NUMBER_INVALID, {"n": value[:20]})
+    return int(value)
 
 
 def create_app(service: ImageService, storage: Storage) -> Bottle:
     app = Bottle(autojson=False)
     app.install(_registry_errors)
 
+    @app.get("/v2")
     @app.get("/v2/")
     def base() -> HTTPResponse:
         return HTTPResponse("{}", headers={"Content-Type": "application/json"})
@@ -93,36 +169,41 @@ def create_app(service: ImageService, storage: Storage) -> Bottle:
         accept = negotiate([request.get_header("Accept", "")])
         return _manifest_response(service.manifest(name, reference, accept))
 
+    @app.get("/v2/<name:path>/blobs/uploads/")
+    @app.get("/v2/<name:path>/blobs/uploads/<upload>")
+    def upload(name: str, upload: str = "") -> HTTPResponse:
+        raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, message="this registry is pull-only")
+
     @app.get("/v2/<name:path>/blobs/<digest>")
     def blob(name: str, digest: str) -> HTTPResponse:
         validate_name(name)
         validate_digest(digest)
-        location = storage.locate_blob(digest) if digest.startswith("sha256:") else None
+        location = storage.locate_blob(digest) if is_sha256(digest) else None
         if location is None:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": digest})
-        if location.url is not None:
-            return HTTPResponse(
-                status=307, headers={"Location": location.url, "Docker-Content-Digest": digest}
-            )
-        assert location.path is not None
-        response = bottle.static_file(
-            os.path.basename(location.path),
-            root=os.path.dirname(location.path),
-            mimetype="application/octet-stream",
-        )
-        if response.status_code == 416:
-            raise RegistryError(
-                ErrorCode.RANGE_INVALID, {"size": location.size}, "range not satisfiable"
-            )
-        response.set_header("Docker-Content-Digest", digest)
-        response.set_header("ETag", f'"{digest}"')
-        return response
+        return _blob_response(digest, location)
 
     @app.get("/v2/<name:path>/tags/list")
     def tags(name: str) -> HTTPResponse:
+        n = _page_size(request.query.get("n"))
+        last = request.query.get("last")
+        if last is not None:
+            validate_tag(last)
+        page, more = tag_page(service.tags(name), n, last)
+        headers = {"Content-Type": "application/json"}
+        if more:
+            headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={page[-1]}>; rel="next"'
+        return HTTPResponse(json.dumps({"name": name, "tags": page}), headers=headers)
+
+    @app.get("/v2/<name:path>/referrers/<digest>")
+    def referrers(name: str, digest: str) -> HTTPResponse:
         validate_name(name)
-        body = json.dumps({"name": name, "tags": ["latest"]})
-        return HTTPResponse(body, headers={"Content-Type": "application/json"})
+        validate_digest(digest)
+        # Images built here are never the subject of another manifest.
+        headers = {"Content-Type": OCI_INDEX}
+        if request.query.get("artifactType"):
+            headers["OCI-Filters-Applied"] = "artifactType"
+        return HTTPResponse(index_document(Format.OCI, []).data, headers=headers)
 
     @app.route("/v2/<path:path>", method=WRITE_METHODS)
     def unsupported(path: str) -> HTTPResponse:

@@ -12,24 +12,29 @@ from typing import Any
 
 
 class ErrorCode(Enum):
-    """Error codes of the OCI distribution spec, with their HTTP status."""
+    """Error codes of the OCI distribution spec, with their HTTP status.
+
+    The first fourteen are the spec's; the rest are Docker distribution's,
+    for the cases the spec names no code for. Statuses follow distribution.
+    """
 
     BLOB_UNKNOWN = (404, "blob unknown to registry")
     BLOB_UPLOAD_INVALID = (400, "blob upload invalid")
     BLOB_UPLOAD_UNKNOWN = (404, "blob upload unknown to registry")
     DIGEST_INVALID = (400, "provided digest did not match uploaded content")
-    MANIFEST_BLOB_UNKNOWN = (404, "manifest references a manifest or blob unknown to registry")
+    MANIFEST_BLOB_UNKNOWN = (400, "manifest references a manifest or blob unknown to registry")
     MANIFEST_INVALID = (400, "manifest invalid")
     MANIFEST_UNKNOWN = (404, "manifest unknown to registry")
     NAME_INVALID = (400, "invalid repository name")
     NAME_UNKNOWN = (404, "repository name not known to registry")
     SIZE_INVALID = (400, "provided length did not match content length")
-    TAG_INVALID = (400, "manifest tag did not match URI")
     UNAUTHORIZED = (401, "authentication required")
     DENIED = (403, "requested access to the resource is denied")
     UNSUPPORTED = (405, "the operation is unsupported")
     TOOMANYREQUESTS = (429, "too many requests")
+    TAG_INVALID = (400, "manifest tag did not match URI")
     RANGE_INVALID = (416, "requested range not satisfiable")
+    PAGINATION_NUMBER_INVALID = (400, "invalid number of results requested")
     UNKNOWN = (500, "unknown error")
 
     @property

@@ -33,7 +33,14 @@ from nixery.manifest import (
     manifest_document,
     media_type_of,
 )
-from nixery.names import ImageRequest, is_digest, parse_image_name, validate_digest, validate_tag
+from nixery.names import (
+    ImageRequest,
+    is_digest,
+    is_sha256,
+    parse_image_name,
+    validate_digest,
+    validate_tag,
+)
 from nixery.nix import Nix, ResolvedPackage
 from nixery.platforms import Platform, host_platform
 from nixery.rootfs import root_entries
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the bytes of layers or manifests change for the same input.
 FORMAT_VERSION = "1"
+# Larger blobs are never read as manifests (the spec's suggested manifest limit).
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -130,31 +139,55 @@ class ImageService:
         request = parse_image_name(name, self.settings.max_packages)
         if is_digest(reference):
             validate_digest(reference)
-            document = self.manifest_by_digest(reference)
-            if document is None:
-                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": reference})
-            return document
+            return self._stored_manifest(reference)
         validate_tag(reference)
         source = self.sources.resolve(reference)
         platforms = (request.platform,) if request.platform else self.settings.platforms
-        images = [(p, self.image(request, source, p)) for p in platforms]
-        fmt = accept.formats[0]
-        if accept.index and len(images) > 1:
-            index = index_document(fmt, [(p, img.manifests[fmt.name]) for p, img in images])
-            self.storage.put_blob(index.data)
-            return index
-        descriptor = images[0][1].manifests[fmt.name]
-        document = self.manifest_by_digest(descriptor.digest)
-        if document is None:
-            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": descriptor.digest})
-        return document
+        if accept.index_format is not None and len(platforms) > 1:
+            images = [(p, self.image(request, source, p)) for p in platforms]
+            return self._index(images, accept.index_format)
+        # Without a list the client gets the first configured platform; only it is built.
+        image = self.image(request, source, platforms[0])
+        return self._stored_manifest(image.manifests[accept.formats[0].name].digest)
+
+    def tags(self, name: str) -> list[str]:
+        """The tags `name` can be pulled with, in ASCII order."""
+        parse_image_name(name, self.settings.max_packages)
+        return sorted(set(self.sources.tags()))
 
     def manifest_by_digest(self, digest: str) -> Document | None:
+        """A stored manifest or index; None for anything else, including other blobs."""
+        if not is_sha256(digest):
+            return None  # only sha256 is ever stored
+        location = self.storage.locate_blob(digest)
+        if location is None or location.size > MAX_MANIFEST_SIZE:
+            return None
         data = self.storage.read_blob(digest)
         if data is None:
             return None
         media_type = media_type_of(data)
         return Document(media_type, data) if media_type else None
+
+    def _stored_manifest(self, digest: str) -> Document:
+        document = self.manifest_by_digest(digest)
+        if document is None:
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": digest})
+        return document
+
+    def _index(self, images: Sequence[tuple[Platform, BuiltImage]], fmt: Format) -> Document:
+        """The list of per-platform manifests in `fmt`.
+
+        Both dialects are stored before either is served, so any list digest a
+        client has seen stays fetchable by digest, also after a restart.
+        """
+        documents = {
+            f: index_document(f, [(p, image.manifests[f.name]) for p, image in images])
+            for f in Format
+        }
+        for document in documents.values():
+            if self.storage.locate_blob(document.digest) is None:
+                self.storage.put_blob(document.data)
+        return documents[fmt]
 
     # -- building -------------------------------------------------------
 

@@ -83,8 +83,12 @@ class Document:
 class Negotiated:
     """What a client accepts, read as a set."""
 
-    formats: tuple[Format, ...]  # preference order: OCI first
-    index: bool  # the client understands an index / manifest list
+    formats: tuple[Format, ...]  # manifest dialects accepted, in preference order: OCI first
+    index_format: Format | None = None  # the list type to answer with, if any is accepted
+
+    @property
+    def index(self) -> bool:
+        return self.index_format is not None
 
 
 def parse_accept(values: Iterable[str]) -> set[str]:
@@ -99,6 +103,11 @@ def parse_accept(values: Iterable[str]) -> set[str]:
 
 
 def negotiate(accept: Iterable[str]) -> Negotiated:
+    """Choose dialects from the set of accepted types; order and q-values carry no weight.
+
+    A list is only answered in a dialect whose list type the client named, and
+    its entries are manifests of that same dialect.
+    """
     types = parse_accept(accept)
     formats = tuple(
         f for f in (Format.OCI, Format.DOCKER) if f.manifest_type in types or f.index_type in types
@@ -107,8 +116,8 @@ def negotiate(accept: Iterable[str]) -> Negotiated:
         # No usable preference (no header, */*, or schema1 only): serve OCI,
         # the format every current client reads.
         formats = (Format.OCI,)
-    index = any(f.index_type in types for f in formats)
-    return Negotiated(formats, index)
+    index_format = next((f for f in formats if f.index_type in types), None)
+    return Negotiated(formats, index_format)
 
 
 def canonical_json(value: Any) -> bytes:

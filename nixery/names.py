@@ -59,6 +59,10 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
+def is_sha256(digest: str) -> bool:
+    return SHA256_RE.fullmatch(digest) is not None
+
+
 def parse_image_name(name: str, max_packages: int = DEFAULT_MAX_PACKAGES) -> ImageRequest:
     """Turn `shell/git/curl` into the package attributes it names."""
     validate_name(name)

@@ -62,6 +62,14 @@ class Sources:
         self.config = config
         self.channel_url = channel_url
 
+    def tags(self) -> list[str]:
+        """The tags worth listing: every tag `resolve` accepts that has a name.
+
+        Local paths and channels have only `latest`; versioned sources list
+        their revisions' names here.
+        """
+        return [LATEST]
+
     def resolve(self, tag: str) -> ResolvedSource:
         kind = self.config.kind
         if tag != LATEST:
