@@ -69,13 +69,17 @@ class Server:
 StartServer = Callable[..., Server]
 
 
-@pytest.fixture
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
-    """Start `nixery serve` on a free port; extra CLI arguments pass through."""
-    servers: list[Server] = []
+class ServerPool:
+    """Starts `nixery serve` processes and stops them all at the end."""
 
-    def start(*args: str, storage: Path | None = None, env: dict[str, str] | None = None) -> Server:
-        base = tmp_path_factory.mktemp("server")
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory):
+        self.tmp_path_factory = tmp_path_factory
+        self.servers: list[Server] = []
+
+    def start(
+        self, *args: str, storage: Path | None = None, env: dict[str, str] | None = None
+    ) -> Server:
+        base = self.tmp_path_factory.mktemp("server")
         storage = storage or base / "storage"
         port = free_port()
         log = base / "server.log"
@@ -90,7 +94,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
                 argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
             )
         server = Server(proc, f"127.0.0.1:{port}", storage, log)
-        servers.append(server)
+        self.servers.append(server)
         try:
             wait_for(server.url + "/v2/")
         except OSError:
@@ -98,9 +102,25 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
             raise RuntimeError("server did not start:\n" + server.log_text()) from None
         return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """Start `nixery serve` on a free port; extra CLI arguments pass through."""
+    pool = ServerPool(tmp_path_factory)
+    yield pool.start
+    pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def start_module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """Like `start_server`, for servers that every test of a module shares."""
+    pool = ServerPool(tmp_path_factory)
+    yield pool.start
+    pool.stop_all()
 
 
 @pytest.fixture

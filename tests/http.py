@@ -24,12 +24,20 @@ class Reply:
         return [e["code"] for e in self.json()["errors"]]
 
 
+Headers = dict[str, str] | list[tuple[str, str]]
+
+
 def call(
-    host: str, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 120
+    host: str, method: str, path: str, headers: Headers | None = None, timeout: float = 120
 ) -> Reply:
+    """One request; a list of header pairs may repeat a name (sent as separate lines)."""
     conn = http.client.HTTPConnection(host, timeout=timeout)
     try:
-        conn.request(method, path, headers=headers or {})
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        pairs = headers.items() if isinstance(headers, dict) else headers or []
+        for name, value in pairs:
+            conn.putheader(name, value)
+        conn.endheaders()
         resp = conn.getresponse()
         return Reply(resp.status, resp.headers, resp.read())
     finally:
