@@ -28,6 +28,15 @@ def server(start_module_server: StartServer) -> Iterator[Server]:
     yield start_module_server("--platforms", "linux/amd64,linux/arm64")
 
 
+ACCEPTS = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST, None)
+
+
+@pytest.fixture(scope="module")
+def tagged(server: Server) -> dict[str | None, Reply]:
+    """`latest` as each kind of client gets it; a tag request runs Nix, so once per kind."""
+    return {accept: manifest(server, "latest", accept) for accept in ACCEPTS}
+
+
 def get(server: Server, path: str, headers: Headers | None = None, method: str = "GET") -> Reply:
     return call(server.host, method, path, headers)
 
@@ -69,15 +78,16 @@ def test_base_endpoint(server: Server) -> None:
         (None, OCI_MANIFEST),
     ],
 )
-def test_manifest_get_and_head_agree(server: Server, accept: str | None, media_type: str) -> None:
+def test_manifest_get_and_head_agree(
+    server: Server, tagged: dict[str | None, Reply], accept: str | None, media_type: str
+) -> None:
     headers = {"Accept": accept} if accept else {}
-    by_tag = manifest(server, "latest", accept)
+    by_tag = tagged[accept]
     digest = by_tag.header("Docker-Content-Digest")
     assert by_tag.header("Content-Type") == by_tag.json()["mediaType"] == media_type
     assert digest == sha256(by_tag.body)
     assert by_tag.header("ETag") == f'"{digest}"'
     assert by_tag.header("Content-Length") == str(len(by_tag.body))
-    # Tag requests run Nix each time (a local path can change): keep them few.
     head = get(server, f"/v2/{IMAGE}/manifests/latest", headers, method="HEAD")
     by_digest = get(server, f"/v2/{IMAGE}/manifests/{digest}", headers)
     head_by_digest = get(server, f"/v2/{IMAGE}/manifests/{digest}", headers, method="HEAD")
@@ -88,8 +98,8 @@ def test_manifest_get_and_head_agree(server: Server, accept: str | None, media_t
             assert reply.header(name) == by_tag.header(name), name
 
 
-def test_if_none_match_answers_304(server: Server) -> None:
-    first = manifest(server, "latest", OCI_INDEX)
+def test_if_none_match_answers_304(server: Server, tagged: dict[str | None, Reply]) -> None:
+    first = tagged[OCI_INDEX]
     etag = first.header("ETag")
     digest = first.header("Docker-Content-Digest")
     cases = [("latest", "GET", etag), ("latest", "HEAD", "*")]
@@ -102,7 +112,7 @@ def test_if_none_match_answers_304(server: Server) -> None:
         assert reply.header("Docker-Content-Digest") == digest
     stale = get(server, f"/v2/{IMAGE}/manifests/{digest}", {"If-None-Match": f'"{ZERO}"'})
     assert stale.status == 200
-    layer = manifest(server, "latest", OCI_MANIFEST).json()["layers"][0]["digest"]
+    layer = tagged[OCI_MANIFEST].json()["layers"][0]["digest"]
     blob = get(server, f"/v2/{IMAGE}/blobs/{layer}", {"If-None-Match": f'"{layer}"'})
     assert blob.status == 304 and blob.body == b""
 
@@ -115,9 +125,11 @@ def test_each_client_accept_shape_gets_the_oci_index(server: Server, client: str
     assert reply.header("Content-Type") == reply.json()["mediaType"] == OCI_INDEX
 
 
-def test_index_holds_one_manifest_per_platform_in_its_own_dialect(server: Server) -> None:
+def test_index_holds_one_manifest_per_platform_in_its_own_dialect(
+    server: Server, tagged: dict[str | None, Reply]
+) -> None:
     for index_type, manifest_type in ((OCI_INDEX, OCI_MANIFEST), (DOCKER_LIST, DOCKER_MANIFEST)):
-        index = manifest(server, "latest", index_type).json()
+        index = tagged[index_type].json()
         platforms = [entry["platform"] for entry in index["manifests"]]
         assert platforms == [
             {"architecture": "amd64", "os": "linux"},
@@ -133,7 +145,7 @@ def test_index_holds_one_manifest_per_platform_in_its_own_dialect(server: Server
             config = get(server, f"/v2/{IMAGE}/blobs/{config_digest}").json()
             assert config["architecture"] == entry["platform"]["architecture"]
         # A client that takes no list gets the first platform's manifest.
-        single = manifest(server, "latest", manifest_type)
+        single = tagged[manifest_type]
         assert single.header("Docker-Content-Digest") == index["manifests"][0]["digest"]
 
 
@@ -145,9 +157,8 @@ def test_arm64_meta_package_is_one_arm64_image(server: Server) -> None:
     assert (config["os"], config["architecture"], config["variant"]) == ("linux", "arm64", "v8")
 
 
-def test_manifests_are_also_blobs(server: Server) -> None:
-    digests = [manifest(server, "latest", t).header("Docker-Content-Digest") for t in (
-        OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)]  # fmt: skip
+def test_manifests_are_also_blobs(server: Server, tagged: dict[str | None, Reply]) -> None:
+    digests = [reply.header("Docker-Content-Digest") for reply in tagged.values()]
     for digest in digests:
         blob = get(server, f"/v2/{IMAGE}/blobs/{digest}")
         assert blob.status == 200 and sha256(blob.body) == digest
@@ -155,8 +166,10 @@ def test_manifests_are_also_blobs(server: Server) -> None:
         assert blob.body == manifest(server, digest).body
 
 
-def test_list_digests_survive_a_restart(server: Server, start_server: StartServer) -> None:
-    digests = {t: manifest(server, "latest", t).body for t in (OCI_INDEX, DOCKER_LIST)}
+def test_list_digests_survive_a_restart(
+    server: Server, tagged: dict[str | None, Reply], start_server: StartServer
+) -> None:
+    digests = {t: tagged[t].body for t in (OCI_INDEX, DOCKER_LIST)}
     again = start_server("--platforms", "linux/amd64,linux/arm64", storage=server.storage)
     for media_type, body in digests.items():
         for method in ("GET", "HEAD"):
@@ -167,8 +180,8 @@ def test_list_digests_survive_a_restart(server: Server, start_server: StartServe
     assert "built" not in again.log_text()
 
 
-def test_blob_get_head_and_ranges(server: Server) -> None:
-    layer = manifest(server, "latest", OCI_MANIFEST).json()["layers"][0]
+def test_blob_get_head_and_ranges(server: Server, tagged: dict[str | None, Reply]) -> None:
+    layer = tagged[OCI_MANIFEST].json()["layers"][0]
     path, size = f"/v2/{IMAGE}/blobs/{layer['digest']}", layer["size"]
     whole = get(server, path)
     head = get(server, path, method="HEAD")
@@ -207,8 +220,10 @@ def test_missing_and_invalid_blobs(server: Server) -> None:
     assert_error(get(server, f"/v2/Bad/blobs/{ZERO}"), 400, "NAME_INVALID")
 
 
-def test_unresolvable_references_are_404_and_build_nothing(server: Server) -> None:
-    layer = manifest(server, "latest", OCI_MANIFEST).json()["layers"][0]["digest"]
+def test_unresolvable_references_are_404_and_build_nothing(
+    server: Server, tagged: dict[str | None, Reply]
+) -> None:
+    layer = tagged[OCI_MANIFEST].json()["layers"][0]["digest"]
     before = server.log_text().count(" built ")
     cases = [
         ("hello", "v1.0"),  # a local path only has `latest`
@@ -255,8 +270,8 @@ def test_tags_list(server: Server) -> None:
     assert_error(get(server, "/v2/Hello/tags/list"), 400, "NAME_INVALID")
 
 
-def test_referrers_are_an_empty_index(server: Server) -> None:
-    digest = manifest(server, "latest", OCI_INDEX).header("Docker-Content-Digest")
+def test_referrers_are_an_empty_index(server: Server, tagged: dict[str | None, Reply]) -> None:
+    digest = tagged[OCI_INDEX].header("Docker-Content-Digest")
     for ref in (digest, ZERO, "sha512:" + "1" * 128):
         reply = get(server, f"/v2/{IMAGE}/referrers/{ref}")
         assert reply.status == 200
