@@ -165,8 +165,11 @@ class Nix:
         self._run(["nix-store", "--realise", "--add-root", link, path], "registering a GC root")
 
     def flake_metadata(self, ref: str, timeout: float | None = None) -> FlakeLock:
-        """Lock a flake reference (fetching it into the store)."""
-        argv = ["nix", *FLAKES, "flake", "metadata", "--json", *self._options(), ref]
+        """Lock a flake reference (fetching it into the store), never writing its lock file."""
+        argv = [
+            "nix", *FLAKES, "flake", "metadata", "--json", "--no-write-lock-file",
+            *self._options(), ref,
+        ]  # fmt: skip
         try:
             data = json.loads(self._run(argv, f"locking flake {ref}", timeout).stdout)
         except BuildFailed as exc:

@@ -223,10 +223,20 @@ class Sources:
     def tags(self) -> list[str]:
         """Every tag that names something: `latest`, and a repository's branches and tags."""
         names = {LATEST}
-        if self.config.kind == "git":
-            refs = self._remote_refs(self.config.value)
-            names.update(n for n in refs.names() if TAG_RE.fullmatch(n))
+        repo = self._repository()
+        if repo is not None:
+            names.update(n for n in self._remote_refs(repo).names() if TAG_RE.fullmatch(n))
         return sorted(names)
+
+    def _repository(self) -> str | None:
+        """The git repository whose refs tags name, if there is one."""
+        if self.config.kind == "git":
+            return self.config.value
+        base, _, query = self.config.value.partition("?")
+        pinned = any(k in ("ref", "rev") for k, _ in parse_qsl(query))
+        if self.config.kind == "flake" and base.startswith("git+") and not pinned:
+            return base.removeprefix("git+")
+        return None
 
     def _path(self, tag: str) -> ResolvedSource:
         if tag != LATEST:
@@ -289,12 +299,13 @@ class Sources:
         scheme, _, rest = base.partition(":")
         if any(k in ("ref", "rev") for k, _ in params):
             return None  # already pinned
-        if scheme.startswith("git+"):
+        repo = self._repository()
+        if repo is not None:
             if git.is_commit(tag):
                 params.append(("rev", tag))
             else:
                 # Nix fetches a short ref as a branch; name tags and branches in full.
-                found = self._remote_refs(base.removeprefix("git+")).lookup(tag)
+                found = self._remote_refs(repo).lookup(tag)
                 if found is None:
                     raise _unknown(tag, "no branch or tag of that name")
                 params += [("ref", found[0]), ("rev", found[1])]
