@@ -289,8 +289,11 @@ class Sources:
         if ref is None:
             raise _unknown(tag, "this flake reference cannot select other versions by tag")
         lock = self._memo.get(("flake", ref), lambda: self.nix.flake_metadata(ref, self.timeout))
-        revision = "flake:" + json.dumps(lock.locked, sort_keys=True)
-        return ResolvedSource(revision, Pin("flake", lock.url))
+        # The content (its flake.lock pins the inputs), not the ref that led to it:
+        # tags naming one commit share images.
+        nar_hash = lock.locked.get("narHash")
+        content = nar_hash if isinstance(nar_hash, str) else json.dumps(lock.locked, sort_keys=True)
+        return ResolvedSource(f"flake:{content}", Pin("flake", lock.url))
 
     def _flake_ref(self, tag: str) -> str | None:
         """The configured flake with `tag` as its ref or rev, if its type has refs."""

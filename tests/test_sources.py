@@ -7,7 +7,7 @@ counted: a pull served from cache must not start Nix at all.
 from __future__ import annotations
 
 import hashlib
-import json
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 
 from nixery import process
-from nixery.errors import ErrorCode, RegistryError
+from nixery.errors import BuildFailed, ErrorCode, RegistryError
 from nixery.images import BuildSettings, ImageService
 from nixery.manifest import negotiate
 from nixery.names import parse_image_name
-from nixery.nix import Nix
+from nixery.nix import FLAKES, Nix
 from nixery.sources import Sources, source_config
 from nixery.storage import FilesystemStorage
 from tests.sourcefixtures import (
+    FLAKE,
     Channels,
     PkgsRepo,
     channel_server,
@@ -409,13 +410,38 @@ def test_flake_git_tags(make_registry: MakeRegistry, repo: PkgsRepo) -> None:
     assert reg.version_of("hello", "hello", "v1") == "2.10"
     assert reg.version_of("hello", "hello", "latest") == "2.11"
     assert reg.digest("hello", "stable") == reg.digest("hello", "v1")
+    # Another tag of the same commit is served from the first one's image.
+    evaluations = sum(1 for a in reg.commands.argvs if a[0] == "nix-instantiate")
+    assert reg.digest("hello", repo.commits["v1"]) == reg.digest("hello", "v1")
+    assert sum(1 for a in reg.commands.argvs if a[0] == "nix-instantiate") == evaluations
     nix = reg.commands.nix()
     reg.unknown("hello", "v9")
     assert reg.commands.nix() == nix
 
 
-def test_flake_metadata_is_json(repo: PkgsRepo) -> None:
-    lock = Nix(timeout=60).flake_metadata(f"path:{repo.path}")
-    assert lock.locked["type"] == "path"
-    assert json.dumps(lock.locked, sort_keys=True)
-    assert lock.url.startswith("path:")
+WRAPPER_FLAKE = """{
+  inputs.pkgs.url = "INPUT";
+  outputs = { self, pkgs }: { legacyPackages = pkgs.legacyPackages; };
+}
+"""
+
+
+def test_flake_inputs_need_a_lock_file(make_registry: MakeRegistry, tmp_path: Path) -> None:
+    pkgs = copy_package_set(tmp_path / "pkgs")
+    (pkgs / "flake.nix").write_text(FLAKE)
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "flake.nix").write_text(WRAPPER_FLAKE.replace("INPUT", f"path:{pkgs}"))
+    clock = Clock()
+    reg = make_registry(flake=f"path:{wrapper}", clock=clock)
+
+    # Without flake.lock the input is not pinned: an error, and no lock file is written.
+    with pytest.raises(BuildFailed):
+        reg.digest("hello")
+    assert not (wrapper / "flake.lock").exists()
+
+    subprocess.run(
+        ["nix", *FLAKES, "flake", "lock", f"path:{wrapper}"], check=True, capture_output=True
+    )
+    clock.advance(601)
+    assert reg.version_of("hello", "hello") == "2.10"
