@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode
 
 from nixery import git
@@ -154,8 +154,8 @@ class _Memo:
         with self._lock:
             entry = self._entries.get(key)
         if entry is not None and self._clock() - entry[0] < self._ttl:
-            return entry[1]  # type: ignore[no-any-return]
-        return self._flight.do(key, lambda: self._refresh(key, compute, entry))  # type: ignore[no-any-return]
+            return cast(T, entry[1])
+        return cast(T, self._flight.do(key, lambda: self._refresh(key, compute, entry)))
 
     def _refresh(self, key: Hashable, compute: Callable[[], T], old: tuple[float, Any] | None) -> T:
         try:
@@ -397,7 +397,7 @@ def _read_revision(url: str, timeout: float) -> str | None:
     """The commit a channel's `git-revision` file names; None if there is no such file."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            text = response.read(4096).decode("ascii", "replace").strip()
+            text: str = response.read(4096).decode("ascii", "replace").strip()
     except urllib.error.HTTPError as exc:
         if exc.code in (404, 410):
             return None
