@@ -18,6 +18,12 @@ def default_storage_path() -> str:
     return os.path.join(cache, "nixery")
 
 
+def default_source_cache() -> str:
+    from nixery.sources import default_cache_dir
+
+    return default_cache_dir()
+
+
 def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """`--config FILE`: TOML whose keys are the long option names."""
     if value:
@@ -67,6 +73,42 @@ def main() -> None:
     "--default-pkgs-path",
     envvar="NIXERY_DEFAULT_PKGS_PATH",
     help="The package set to use when no source is configured (default: the channel).",
+)
+@click.option(
+    "--flake",
+    envvar="NIXERY_FLAKE",
+    help="A flake whose legacyPackages or packages are the package set.",
+)
+@click.option(
+    "--channel-url",
+    envvar="NIXERY_CHANNEL_URL",
+    help="Tarball URL template for a nixpkgs commit ({rev}); default: GitHub's archive.",
+)
+@click.option(
+    "--channel-revision-url",
+    envvar="NIXERY_CHANNEL_REVISION_URL",
+    help="URL template of a channel's git-revision file ({channel}).",
+)
+@click.option(
+    "--channel-ttl",
+    type=click.FloatRange(min=0),
+    default=600,
+    show_default=True,
+    envvar="NIXERY_CHANNEL_TTL",
+    help="Seconds a resolved channel, branch, flake or local path is trusted.",
+)
+@click.option(
+    "--allow-tag-versions",
+    is_flag=True,
+    envvar="NIXERY_ALLOW_TAG_VERSIONS",
+    help="Channel mode: tags may name another channel or a nixpkgs commit.",
+)
+@click.option(
+    "--source-cache",
+    default=default_source_cache,
+    show_default="$XDG_CACHE_HOME/nixery-sources",
+    envvar="NIXERY_SOURCE_CACHE",
+    help="Directory for git mirrors and GC roots of fetched package sets.",
 )
 @click.option(
     "--storage-backend",

@@ -36,7 +36,15 @@ class Settings:
             host=options["host"],
             port=options["port"],
             source=source_config(
-                _pkgs_path(options), options.get("channel"), options.get("pkgs_repo")
+                _pkgs_path(options),
+                options.get("channel"),
+                options.get("pkgs_repo"),
+                options.get("flake"),
+                channel_url=options.get("channel_url"),
+                revision_url=options.get("channel_revision_url"),
+                ttl=options.get("channel_ttl"),
+                allow_tag_versions=options.get("allow_tag_versions"),
+                cache_dir=options.get("source_cache"),
             ),
             storage_backend=options["storage_backend"],
             storage_path=os.path.abspath(options["storage_path"]),

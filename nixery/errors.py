@@ -106,3 +106,7 @@ class BuildFailed(NixeryError):
         super().__init__(summary)
         self.summary = summary
         self.log_tail = log_tail
+
+
+class SourceUnavailable(NixeryError):
+    """The package source could not be reached or read (git, HTTP, flake lock)."""

@@ -201,11 +201,18 @@ class ImageService:
             sorted(self.popularity.items()),
         )  # fmt: skip
         doc_key = f"images/{key}.json"
-        if source.immutable:
-            cached = self.storage.get_document(doc_key)
-            if cached is not None:
-                return BuiltImage.from_json(json.loads(cached))
-        return self._flight.do(key, lambda: self._build(request, source, platform, doc_key))
+        # The revision pins the package set, so a stored image is never stale.
+        cached = self._stored_image(doc_key)
+        if cached is not None:
+            return cached
+        return self._flight.do(
+            key,
+            lambda: self._stored_image(doc_key) or self._build(request, source, platform, doc_key),
+        )
+
+    def _stored_image(self, doc_key: str) -> BuiltImage | None:
+        cached = self.storage.get_document(doc_key)
+        return None if cached is None else BuiltImage.from_json(json.loads(cached))
 
     def _build(
         self, request: ImageRequest, source: ResolvedSource, platform: Platform, doc_key: str
@@ -213,7 +220,10 @@ class ImageService:
         started = time.monotonic()
         try:
             packages = self.nix.resolve(
-                source.nix, platform.nix_system, request.packages, self.settings.overlays
+                self.sources.nix_source(source),
+                platform.nix_system,
+                request.packages,
+                self.settings.overlays,
             )
         except UnknownPackages as exc:
             raise RegistryError(

@@ -2,8 +2,9 @@
 
 One small function per Nix operation, each returning typed values. Request
 data reaches Nix only as a JSON file read by the checked-in `resolve.nix`.
-The commands used (`nix-instantiate`, `nix-store`) behave the same on Nix
-2.8 and current releases, so no experimental features are needed.
+The commands used (`nix-instantiate`, `nix-store`, `nix-prefetch-url`)
+behave the same on Nix 2.8 and current releases. Flakes are experimental in
+both, so only flake operations enable them, with a command-line option.
 """
 
 from __future__ import annotations
@@ -17,22 +18,37 @@ from importlib import resources
 from typing import Any
 
 from nixery import process
-from nixery.errors import BuildFailed, CommandError, CommandTimeout, UnknownPackages
+from nixery.errors import (
+    BuildFailed,
+    CommandError,
+    CommandTimeout,
+    SourceUnavailable,
+    UnknownPackages,
+)
 from nixery.graph import ClosureGraph, parse_registration
 
 LOG_TAIL_LINES = 30
+FLAKES = ["--extra-experimental-features", "nix-command flakes"]
 
 
 @dataclass(frozen=True)
 class NixSource:
     """Where the package set comes from, as `resolve.nix` understands it."""
 
-    kind: str  # "path" or "tarball"
+    kind: str  # "path" (a file or directory to import) or "flake" (a locked flake URL)
     location: str
 
     def to_json(self) -> dict[str, str]:
         key = "path" if self.kind == "path" else "url"
         return {"kind": self.kind, key: self.location}
+
+
+@dataclass(frozen=True)
+class FlakeLock:
+    """What `nix flake metadata` pinned a flake reference to."""
+
+    url: str  # the locked flake URL, usable with builtins.getFlake
+    locked: Mapping[str, Any]  # the locked attributes (rev, narHash, ...)
 
 
 @dataclass(frozen=True)
@@ -62,13 +78,12 @@ class Nix:
             argv += ["--option", name, value]
         return argv
 
-    def _run(self, argv: list[str], what: str) -> process.Completed:
+    def _run(self, argv: list[str], what: str, timeout: float | None = None) -> process.Completed:
+        timeout = timeout or self.timeout
         try:
-            return process.run(argv, timeout=self.timeout, env=self._environment())
+            return process.run(argv, timeout=timeout, env=self._environment())
         except CommandTimeout as exc:
-            raise BuildFailed(
-                f"{what} timed out after {self.timeout:g}s", _tail(exc.stderr)
-            ) from exc
+            raise BuildFailed(f"{what} timed out after {timeout:g}s", _tail(exc.stderr)) from exc
         except CommandError as exc:
             raise BuildFailed(f"{what} failed", _tail(exc.stderr)) from exc
 
@@ -98,9 +113,10 @@ class Nix:
             fh.flush()
             os.chmod(fh.name, 0o644)
             with resources.as_file(resources.files("nixery") / "nixexprs" / "resolve.nix") as expr:
+                flakes = FLAKES if source.kind == "flake" else []
                 argv = [
                     "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
-                    *self._options(), str(expr), "--argstr", "argsFile", fh.name,
+                    *flakes, *self._options(), str(expr), "--argstr", "argsFile", fh.name,
                 ]  # fmt: skip
                 result = json.loads(self._run(argv, "evaluating the package set").stdout)
         if result["unknown"]:
@@ -132,6 +148,37 @@ class Nix:
         ).stdout.split()
         dump = self._run(["nix-store", "--dump-db", *requisites], "reading path info").stdout
         return ClosureGraph(tuple(sorted(set(roots))), parse_registration(dump))
+
+    def fetch_tarball(self, url: str, timeout: float | None = None) -> str:
+        """Download and unpack a tarball with one top directory into the store; its path."""
+        argv = [
+            "nix-prefetch-url", "--unpack", "--print-path", "--name", "source",
+            *self._options(), url,
+        ]  # fmt: skip
+        lines = self._run(argv, f"fetching {url}", timeout).stdout.split()
+        if not lines or not lines[-1].startswith("/nix/store/"):
+            raise BuildFailed(f"fetching {url} printed no store path", " ".join(lines))
+        return lines[-1]
+
+    def add_root(self, path: str, link: str) -> None:
+        """Keep `path` from garbage collection for as long as `link` points at it."""
+        self._run(["nix-store", "--realise", "--add-root", link, path], "registering a GC root")
+
+    def flake_metadata(self, ref: str, timeout: float | None = None) -> FlakeLock:
+        """Lock a flake reference (fetching it into the store), never writing its lock file."""
+        argv = [
+            "nix", *FLAKES, "flake", "metadata", "--json", "--no-write-lock-file",
+            *self._options(), ref,
+        ]  # fmt: skip
+        try:
+            data = json.loads(self._run(argv, f"locking flake {ref}", timeout).stdout)
+        except BuildFailed as exc:
+            raise SourceUnavailable(f"{exc.summary}: {exc.log_tail}") from exc
+        locked = data.get("locked")
+        url = data.get("url")
+        if not isinstance(locked, dict) or not isinstance(url, str):
+            raise SourceUnavailable(f"nix flake metadata gave no locked reference for {ref}")
+        return FlakeLock(url, locked)
 
 
 def _tail(stderr: str) -> str:

@@ -25,10 +25,11 @@ def make_service(settings: Settings) -> ImageService:
         platforms=settings.platforms,
         overlays=settings.overlays,
     )
+    nix = Nix(timeout=settings.nix_timeout)
     return ImageService(
         make_storage(settings),
-        Nix(timeout=settings.nix_timeout),
-        Sources(settings.source),
+        nix,
+        Sources(settings.source, nix, settings.overlays, settings.nix_timeout),
         build,
         popularity,
     )

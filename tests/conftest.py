@@ -85,9 +85,8 @@ class ServerPool:
         log = base / "server.log"
         argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--storage-path", str(storage), *args]  # fmt: skip
-        if not any(
-            a in args for a in ("--pkgs-path", "--default-pkgs-path", "--channel", "--pkgs-repo")
-        ):
+        sources = ("--pkgs-path", "--default-pkgs-path", "--channel", "--pkgs-repo", "--flake")
+        if not any(a in args for a in sources):
             argv += ["--pkgs-path", str(FIXTURE_PKGS)]
         with open(log, "wb") as fh:
             proc = subprocess.Popen(

@@ -4,7 +4,8 @@
 # the only Nix code that runs, so a package name can never become Nix source.
 #
 # args = {
-#   source   = { kind = "path"; path = "/abs/path"; };
+#   source   = { kind = "path"; path = "/abs/path"; }
+#           or { kind = "flake"; url = "<locked flake URL>"; };
 #   system   = "x86_64-linux";
 #   overlays = [ "/abs/overlay.nix" ... ];
 #   packages = [ "hello" "haskellPackages.pandoc" ... ];
@@ -17,18 +18,34 @@
 let
   args = builtins.fromJSON (builtins.readFile argsFile);
 
+  # A flake's package set: legacyPackages (as nixpkgs has it) or packages.
+  flakePackages = flake:
+    flake.legacyPackages.${args.system} or flake.packages.${args.system}
+      or (throw "nixery: the flake has no legacyPackages or packages for ${args.system}");
+
   loadSource = source:
     if source.kind == "path" then import source.path
-    else if source.kind == "tarball" then import (builtins.fetchTarball { url = source.url; } + "")
+    else if source.kind == "flake" then flakePackages (builtins.getFlake source.url)
     else throw "nixery: unsupported package source kind ${source.kind}";
 
   overlays = map import (args.overlays or [ ]);
+
+  # A set that is not a function cannot take overlays itself: nixpkgs sets
+  # know `appendOverlays`; any other set gets them applied on top, so an
+  # overlay's `final` sees the result but packages already in the set do not
+  # pick up its overrides.
+  withOverlays = set:
+    if overlays == [ ] then set
+    else if set ? appendOverlays then set.appendOverlays overlays
+    else
+      let fix = f: let x = f x; in x;
+      in fix (final: builtins.foldl' (prev: overlay: prev // overlay final prev) set overlays);
 
   imported = loadSource args.source;
   pkgs =
     if builtins.isFunction imported
     then imported { system = args.system; inherit overlays; }
-    else imported;
+    else withOverlays imported;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
