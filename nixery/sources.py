@@ -209,14 +209,6 @@ class Sources:
 
     # -- tags -> revisions -------------------------------------------------
 
-    def tags(self) -> list[str]:
-        """The tags worth listing: every tag `resolve` accepts that has a name.
-
-        Local paths and channels have only `latest`; versioned sources list
-        their revisions' names here.
-        """
-        return [LATEST]
-
     def resolve(self, tag: str) -> ResolvedSource:
         """Pin `tag`; RegistryError MANIFEST_UNKNOWN if it names nothing."""
         resolver = self._resolvers.get(self.config.kind)
