@@ -98,7 +98,8 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def _chunks(fh: BinaryIO, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
     with fh:
-        fh.seek(start)
+        if start:
+            fh.seek(start)
         remaining = end - start
         while remaining > 0:
             data = fh.read(min(chunk, remaining))
@@ -108,11 +109,10 @@ def _chunks(fh: BinaryIO, start: int, end: int, chunk: int = 1 << 20) -> Iterato
             yield data
 
 
-def _blob_response(digest: str, location: BlobLocation) -> HTTPResponse:
+def _blob_response(digest: str, location: BlobLocation, storage: Storage) -> HTTPResponse:
     headers = {"Docker-Content-Digest": digest}
     if location.url is not None:
         return HTTPResponse(status=307, headers={**headers, "Location": location.url})
-    assert location.path is not None
     etag = f'"{digest}"'
     headers |= {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
     if etag_matches(request.get_header("If-None-Match", ""), etag):
@@ -132,6 +132,12 @@ def _blob_response(digest: str, location: BlobLocation) -> HTTPResponse:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if request.method == "HEAD":
         return HTTPResponse(status=status, headers=headers)
+    if location.path is None:
+        # Relayed from the backend, which we ask with our own credentials.
+        relayed = storage.open_blob_range(digest, start, end)
+        if relayed is None:
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": digest})
+        return HTTPResponse(_chunks(relayed, 0, end - start), status=status, headers=headers)
     try:
         fh = open(location.path, "rb")
     except FileNotFoundError:
@@ -181,7 +187,7 @@ def create_app(service: ImageService, storage: Storage) -> Bottle:
         location = storage.locate_blob(digest) if is_sha256(digest) else None
         if location is None:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": digest})
-        return _blob_response(digest, location)
+        return _blob_response(digest, location, storage)
 
     @app.get("/v2/<name:path>/tags/list")
     def tags(name: str) -> HTTPResponse:

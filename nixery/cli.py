@@ -34,6 +34,55 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
+def _scale_out_options(command: Any) -> Any:
+    """Options for object storage and remote builders."""
+    options = [
+        click.option("--s3-bucket", envvar="NIXERY_S3_BUCKET", help="S3 bucket (s3 backend)."),
+        click.option("--s3-prefix", envvar="NIXERY_S3_PREFIX", help="Key prefix in the bucket."),
+        click.option(
+            "--s3-endpoint",
+            envvar="NIXERY_S3_ENDPOINT",
+            help="S3 endpoint URL, for stores other than AWS (default: the AWS chain).",
+        ),
+        click.option("--s3-region", envvar="NIXERY_S3_REGION", help="S3 region."),
+        click.option(
+            "--s3-path-style",
+            is_flag=True,
+            envvar="NIXERY_S3_PATH_STYLE",
+            help="Address the bucket in the URL path instead of the host name.",
+        ),
+        click.option(
+            "--s3-redirect",
+            type=click.Choice(["on", "off"]),
+            default="on",
+            show_default=True,
+            envvar="NIXERY_S3_REDIRECT",
+            help="Redirect blob downloads to presigned URLs, or stream them through Nixery.",
+        ),
+        click.option(
+            "--s3-presign-expiry",
+            type=click.IntRange(1, 7 * 24 * 3600),
+            default=900,
+            show_default=True,
+            envvar="NIXERY_S3_PRESIGN_EXPIRY",
+            help="Seconds a presigned blob URL stays valid.",
+        ),
+        click.option(
+            "--blob-base-url",
+            envvar="NIXERY_BLOB_BASE_URL",
+            help="Redirect blob downloads to this URL + the object key (a CDN before the bucket).",
+        ),
+        click.option(
+            "--nix-builders",
+            envvar="NIXERY_NIX_BUILDERS",
+            help="Nix remote builders, passed to Nix as its 'builders' setting.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group()
 @click.version_option(package_name="nixery")
 def main() -> None:
@@ -112,7 +161,7 @@ def main() -> None:
 )
 @click.option(
     "--storage-backend",
-    type=click.Choice(["filesystem"]),
+    type=click.Choice(["filesystem", "s3"]),
     default="filesystem",
     show_default=True,
     envvar=["NIXERY_STORAGE_BACKEND"],
@@ -165,6 +214,7 @@ def main() -> None:
     envvar="NIXERY_COMPRESSION_LEVEL",
     help="gzip (ISA-L) level.",
 )
+@_scale_out_options
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),

@@ -7,10 +7,27 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from nixery.errors import ConfigError
 from nixery.platforms import Platform, host_platform, parse_platform
 from nixery.sources import SourceConfig, source_config
+from nixery.storage.base import validate_key
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the S3 backend keeps things and how clients fetch blobs."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint: str | None = None
+    region: str | None = None
+    path_style: bool = False
+    redirect: bool = True
+    presign_expiry: int = 900
+    blob_base_url: str | None = None
+
 
 # The options that each name a package source; at most one may be given.
 SOURCE_OPTIONS = ("pkgs_path", "channel", "pkgs_repo", "flake")
@@ -29,6 +46,8 @@ class Settings:
     platforms: tuple[Platform, ...]
     overlays: tuple[str, ...]
     compression_level: int
+    s3: S3Settings | None = None
+    nix_builders: str | None = None
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -54,6 +73,8 @@ class Settings:
             platforms=parse_platforms(options.get("platforms")),
             overlays=tuple(os.path.abspath(o) for o in options.get("overlays") or ()),
             compression_level=int(options["compression_level"]),
+            s3=s3_settings(options),
+            nix_builders=options.get("nix_builders") or None,
         )
 
 
@@ -74,3 +95,44 @@ def parse_platforms(text: str | None) -> tuple[Platform, ...]:
     if not platforms or len(set(platforms)) != len(platforms):
         raise ConfigError(f"invalid platform list {text!r}")
     return platforms
+
+
+S3_OPTIONS = ("s3_bucket", "s3_prefix", "s3_endpoint", "s3_region", "blob_base_url")
+
+
+def s3_settings(options: Mapping[str, Any]) -> S3Settings | None:
+    """The S3 backend's settings, or None for another backend (then none may be set)."""
+    if options["storage_backend"] != "s3":
+        given = [f"--{o.replace('_', '-')}" for o in S3_OPTIONS if options.get(o)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --storage-backend s3")
+        return None
+    if not options.get("s3_bucket"):
+        raise ConfigError("--storage-backend s3 needs --s3-bucket")
+    return S3Settings(
+        bucket=options["s3_bucket"],
+        prefix=_key_prefix(options.get("s3_prefix") or ""),
+        endpoint=_http_url(options.get("s3_endpoint"), "--s3-endpoint"),
+        region=options.get("s3_region") or None,
+        path_style=bool(options.get("s3_path_style")),
+        redirect=options.get("s3_redirect", "on") == "on",
+        presign_expiry=int(options.get("s3_presign_expiry") or 900),
+        blob_base_url=_http_url(options.get("blob_base_url"), "--blob-base-url"),
+    )
+
+
+def _key_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    try:
+        return validate_key(prefix) if prefix else ""
+    except ValueError as exc:
+        raise ConfigError(f"--s3-prefix: {exc}") from exc
+
+
+def _http_url(value: str | None, option: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise ConfigError(f"{option} must be an http(s) URL without a query, got {value!r}")
+    return value

@@ -14,7 +14,27 @@ from nixery.storage import FilesystemStorage, Storage
 
 
 def make_storage(settings: Settings) -> Storage:
+    if settings.s3 is not None:
+        # Imported here: boto3 is needed only by those who use it.
+        from nixery.storage.s3 import S3Storage
+
+        s3 = settings.s3
+        return S3Storage(
+            s3.bucket,
+            prefix=s3.prefix,
+            endpoint_url=s3.endpoint,
+            region=s3.region,
+            path_style=s3.path_style,
+            redirect=s3.redirect,
+            presign_expiry=s3.presign_expiry,
+            public_base_url=s3.blob_base_url,
+        )
     return FilesystemStorage(settings.storage_path)
+
+
+def make_nix(settings: Settings) -> Nix:
+    options = {"builders": settings.nix_builders} if settings.nix_builders else {}
+    return Nix(timeout=settings.nix_timeout, extra_options=options)
 
 
 def make_service(settings: Settings) -> ImageService:
@@ -25,7 +45,7 @@ def make_service(settings: Settings) -> ImageService:
         platforms=settings.platforms,
         overlays=settings.overlays,
     )
-    nix = Nix(timeout=settings.nix_timeout)
+    nix = make_nix(settings)
     return ImageService(
         make_storage(settings),
         nix,

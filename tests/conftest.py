@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import s3server
+
 FIXTURE_PKGS = Path(__file__).parent / "fixtures" / "pkgs"
 
 # No binary cache is reachable here; the fixture builds from local files.
@@ -125,6 +127,15 @@ def start_module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
 @pytest.fixture
 def server(start_server: StartServer) -> Server:
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3Server]:
+    """A real S3 server (Ceph RGW), started once per session when first needed."""
+    require(*s3server.BINARIES)
+    server = s3server.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
 
 
 def require(*tools: str) -> None:

@@ -34,7 +34,8 @@ def validate_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class BlobLocation:
-    """How to serve a blob: a local file, or a URL to redirect the client to."""
+    """How to serve a blob: a local file, a URL to redirect the client to, or
+    neither, when the server must stream it from `Storage.open_blob`."""
 
     size: int
     path: str | None = None
@@ -99,6 +100,15 @@ class Storage(ABC):
 
     @abstractmethod
     def open_blob(self, digest: str) -> BinaryIO | None: ...
+
+    def open_blob_range(self, digest: str, start: int, end: int) -> BinaryIO | None:
+        """A blob positioned at `start`; the caller reads no further than `end`.
+
+        Backends that can fetch a range natively override this."""
+        fh = self.open_blob(digest)
+        if fh is not None and start:
+            fh.seek(start)
+        return fh
 
     @abstractmethod
     def get_document(self, key: str) -> bytes | None: ...
