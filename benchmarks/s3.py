@@ -119,6 +119,16 @@ def timed_raw(storage: Storage, total: int) -> tuple[float, float, int]:
         return written - started, time.perf_counter() - written, writer.size
 
 
+def s3_storage(server: s3server.S3Server, bucket: str, inflight: int) -> Callable[[], Storage]:
+    def make() -> Storage:
+        return S3Storage(
+            bucket, prefix=uuid.uuid4().hex, endpoint_url=server.endpoint, path_style=True,
+            parts_in_flight=inflight,
+        )  # fmt: skip
+
+    return make
+
+
 def throughput(server: s3server.S3Server, rounds: int) -> list[tuple[str, str, float, float, int]]:
     os.environ.update(server.env)
     bucket = server.new_bucket("bench")
@@ -129,19 +139,8 @@ def throughput(server: s3server.S3Server, rounds: int) -> list[tuple[str, str, f
         backends: list[tuple[str, Callable[[], Storage]]] = [
             ("filesystem", lambda: FilesystemStorage(Path(tmp) / uuid.uuid4().hex)),
         ]
-        for inflight in (1, 2, 4):
-            backends.append(
-                (
-                    f"s3, {inflight} part(s) in flight",
-                    lambda n=inflight: S3Storage(
-                        bucket,
-                        prefix=uuid.uuid4().hex,
-                        endpoint_url=server.endpoint,
-                        path_style=True,
-                        parts_in_flight=n,
-                    ),  # fmt: skip
-                )
-            )
+        for n in (1, 2, 4):
+            backends.append((f"s3, {n} part(s) in flight", s3_storage(server, bucket, n)))
         for _ in range(rounds):
             for name, make in backends:
                 storage = make()

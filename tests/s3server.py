@@ -113,7 +113,7 @@ class S3Server:
         for key in self.keys(bucket, prefix + "blobs/sha256/"):
             digest = hashlib.sha256()
             with client.get_object(Bucket=bucket, Key=key)["Body"] as body:
-                for chunk in iter(lambda b=body: b.read(1 << 20), b""):
+                for chunk in body.iter_chunks(1 << 20):
                     digest.update(chunk)
             if digest.hexdigest() != key.rsplit("/", 1)[1]:
                 broken.append(key)
