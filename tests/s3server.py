@@ -112,9 +112,10 @@ class S3Server:
         broken = []
         for key in self.keys(bucket, prefix + "blobs/sha256/"):
             digest = hashlib.sha256()
-            with client.get_object(Bucket=bucket, Key=key)["Body"] as body:
-                for chunk in body.iter_chunks(1 << 20):
-                    digest.update(chunk)
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                digest.update(chunk)
+            body.close()
             if digest.hexdigest() != key.rsplit("/", 1)[1]:
                 broken.append(key)
         return broken

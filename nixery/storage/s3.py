@@ -181,8 +181,11 @@ class S3Storage(Storage):
         )
         if response is None:
             return None
-        with response["Body"] as body:
+        body = response["Body"]  # reading it whole checks the length
+        try:
             return self._call(f"reading {object_key}", body.read)
+        finally:
+            body.close()
 
     def put_document(self, key: str, data: bytes) -> None:
         # A PUT replaces the whole object at once; readers see old or new.
