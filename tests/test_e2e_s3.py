@@ -120,6 +120,12 @@ def test_proxy_mode_streams_blobs_with_its_own_credentials(
         head = call(server.host, "HEAD", path)
         assert head.status == 200 and head.body == b""
         assert head.header("Content-Length") == str(layer["size"])
+    # Ranges are fetched from the store as ranges.
+    layer = body["layers"][0]
+    whole = call(server.host, "GET", f"/v2/hello/blobs/{layer['digest']}").body
+    part = call(server.host, "GET", f"/v2/hello/blobs/{layer['digest']}", {"Range": "bytes=10-99"})
+    assert part.status == 206 and part.body == whole[10:100]
+    assert part.header("Content-Range") == f"bytes 10-99/{layer['size']}"
     missing = call(server.host, "GET", "/v2/hello/blobs/sha256:" + "0" * 64)
     assert missing.status == 404 and missing.error_codes() == ["BLOB_UNKNOWN"]
     skopeo_copy(server.host, "hello", tmp_path / "oci")
