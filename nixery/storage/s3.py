@@ -209,9 +209,6 @@ class S3Storage(Storage):
         except BotoCoreError as exc:
             raise StorageError(f"{what} in s3://{self.bucket} failed: {exc}") from exc
 
-    def close(self) -> None:
-        self._uploads.shutdown(wait=True)
-
 
 class _S3BlobWriter(BlobWriter):
     """Buffers one part at a time; uploads parts in the background."""
