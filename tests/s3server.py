@@ -197,7 +197,8 @@ osd_objectstore = memstore
 memstore_device_bytes = 8589934592
 
 [client.rgw.a]
-rgw_frontends = beast endpoint=127.0.0.1:{s3_port}
+# Without tcp_nodelay a small GET waits ~40 ms for a delayed ACK.
+rgw_frontends = beast endpoint=127.0.0.1:{s3_port} tcp_nodelay=1
 rgw_data = {root}/rgw
 rgw_thread_pool_size = 64
 rgw_gc_obj_min_wait = 30
