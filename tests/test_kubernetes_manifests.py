@@ -139,5 +139,6 @@ def test_single_keeps_its_storage_on_a_volume() -> None:
     assert ("PersistentVolumeClaim", claims[mounts[storage]]) in objects("single")
 
 
+@pytest.mark.nix
 def test_image_expression_parses() -> None:
     process.run(["nix-instantiate", "--parse", str(ROOT / "nix" / "pkgs" / "image.nix")])

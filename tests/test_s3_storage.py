@@ -18,6 +18,9 @@ from nixery.storage.base import StorageError
 from nixery.storage.s3 import MIB, S3Storage
 from tests.s3server import S3Server
 
+# Starts a real S3 server, so it runs with the end-to-end tests.
+pytestmark = pytest.mark.e2e
+
 PART = 5 * MIB
 
 

@@ -76,6 +76,7 @@ def fresh_package() -> ResolvedPackage:
     return ResolvedPackage(name, name, drv, out, "out")
 
 
+@pytest.mark.nix
 def test_nix_builders_reach_nix() -> None:
     nix = make_nix(settings(["--nix-builders", "dummy:// x86_64-linux aarch64-linux"]))
     assert nix.extra_options == {"builders": "dummy:// x86_64-linux aarch64-linux"}

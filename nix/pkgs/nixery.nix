@@ -41,6 +41,8 @@ python3Packages.buildPythonApplication {
       ../../README.md
       ../../nixery
       ../../tests
+      # The unit tests check the Kubernetes manifests.
+      ../../deploy
     ];
   };
 
