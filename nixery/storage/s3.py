@@ -95,7 +95,8 @@ class S3Storage(Storage):
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
         )
         self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="s3-upload")
-        self._known: dict[str, int] = {}  # digest -> size; blobs never change
+        # digest -> size: blobs never change, and Nixery never deletes them.
+        self._known: dict[str, int] = {}
         self._known_lock = threading.Lock()
         self._call("checking bucket " + bucket, lambda: self.client.head_bucket(Bucket=bucket))
 
