@@ -31,6 +31,8 @@
         system: pkgs: {
           nixery = pkgs.callPackage ./nix/pkgs/nixery.nix { };
           default = self.packages.${system}.nixery;
+          # The container image deploy/kubernetes runs: Nixery with Nix inside.
+          image = pkgs.callPackage ./nix/pkgs/image.nix { nixery = self.packages.${system}.nixery; };
         }
       );
 
