@@ -9,22 +9,34 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import bottle
-from bottle import Bottle, HTTPResponse, request
+from bottle import Bottle, HTTPResponse, Route, request
 
+from nixery import logs, web
+from nixery.activity import Activity
 from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError
+from nixery.health import Health, storage_writable
 from nixery.images import ImageService
 from nixery.manifest import OCI_INDEX, Document, Format, index_document, negotiate
+from nixery.metrics import Metrics
 from nixery.names import is_sha256, validate_digest, validate_name, validate_tag
 from nixery.storage import BlobLocation, Storage
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("nixery.access")
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
+REQUEST_ID = "X-Request-Id"
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SERVED_KINDS = {"blob": "blob", "manifest": "manifest"}  # route name -> bytes-served kind
+QUIET_ROUTES = frozenset({"metrics", "healthz", "static"})  # probes: logged at debug level
 
 
 def error_response(exc: RegistryError, headers: dict[str, str] | None = None) -> HTTPResponse:
@@ -161,26 +173,115 @@ def _page_size(value: str | None) -> int | None:
     return int(value)
 
 
-def create_app(service: ImageService, storage: Storage) -> Bottle:
-    app = Bottle(autojson=False)
-    app.install(_registry_errors)
+class _Observer:
+    """Bottle plugin, outermost: request id header, metrics, one log line."""
 
-    @app.get("/v2")
-    @app.get("/v2/")
+    name = "nixery_observer"
+    api = 2
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def apply(self, callback: Callable[..., Any], route: Route) -> Callable[..., Any]:
+        label = route.name or route.rule
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            result: Any = None
+            try:
+                result = callback(*args, **kwargs)
+                return result
+            finally:
+                target = result if isinstance(result, HTTPResponse) else bottle.response
+                target.set_header(REQUEST_ID, request.environ.get("nixery.request_id", ""))
+                self._record(label, target, time.monotonic() - started)
+
+        return wrapper
+
+    def _record(self, label: str, response: bottle.BaseResponse, seconds: float) -> None:
+        status = response.status_code
+        size = _body_size(response)
+        self.metrics.request(label, request.method, status, seconds)
+        kind = SERVED_KINDS.get(label)
+        if kind and request.method == "GET" and status in (200, 206):
+            self.metrics.bytes_served(kind, size)
+        access_log.log(
+            logging.DEBUG if label in QUIET_ROUTES else logging.INFO,
+            "%s %s %d",
+            request.method, request.path, status,
+            extra={"method": request.method, "path": request.path, "route": label,
+                   "status": status, "bytes": size, "duration": round(seconds, 4)},
+        )  # fmt: skip
+
+
+def _body_size(response: bottle.BaseResponse) -> int:
+    """Content-Length, else the size of a body held in memory (streams count 0)."""
+    length = response.get_header("Content-Length")
+    if length is not None and length.isdigit():
+        return int(length)
+    body = getattr(response, "body", b"")
+    if isinstance(body, str):
+        return len(body.encode())
+    return len(body) if isinstance(body, bytes) else 0
+
+
+def _begin_request() -> None:
+    """Bottle hook: give the request an id (the client's, if it sent a sane one)."""
+    # Raw from the environ: Bottle's header view fails on bytes that are not UTF-8.
+    given = request.environ.get("HTTP_X_REQUEST_ID", "")
+    request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+    request.environ["nixery.request_id"] = request_id
+    logs.begin(request_id=request_id)
+
+
+def create_app(
+    service: ImageService,
+    storage: Storage,
+    *,
+    activity: Activity | None = None,
+    metrics: Metrics | None = None,
+    health: Health | None = None,
+) -> Bottle:
+    metrics = metrics or Metrics()
+    health = health or Health({"storage": storage_writable(storage)})
+    app = Bottle(autojson=False)
+    app.install(_Observer(metrics))
+    app.install(_registry_errors)
+    app.add_hook("before_request", _begin_request)
+
+    @app.get("/metrics", name="metrics")
+    def metrics_page() -> HTTPResponse:
+        body, content_type = metrics.render(request.get_header("Accept", ""))
+        return HTTPResponse(body, headers={"Content-Type": content_type})
+
+    @app.get("/healthz", name="healthz")
+    def healthz() -> HTTPResponse:
+        healthy, body = health.report()
+        return HTTPResponse(
+            json.dumps(body),
+            status=200 if healthy else 503,
+            headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
+        )
+
+    web.add_routes(app, service, storage, activity or Activity())
+
+    @app.get("/v2", name="base")
+    @app.get("/v2/", name="base")
     def base() -> HTTPResponse:
         return HTTPResponse("{}", headers={"Content-Type": "application/json"})
 
-    @app.get("/v2/<name:path>/manifests/<reference>")
+    @app.get("/v2/<name:path>/manifests/<reference>", name="manifest")
     def manifest(name: str, reference: str) -> HTTPResponse:
+        logs.bind(image=name[:255], tag=reference[:128])
         accept = negotiate([request.get_header("Accept", "")])
         return _manifest_response(service.manifest(name, reference, accept))
 
-    @app.get("/v2/<name:path>/blobs/uploads/")
-    @app.get("/v2/<name:path>/blobs/uploads/<upload>")
+    @app.get("/v2/<name:path>/blobs/uploads/", name="upload")
+    @app.get("/v2/<name:path>/blobs/uploads/<upload>", name="upload")
     def upload(name: str, upload: str = "") -> HTTPResponse:
         raise RegistryError(ErrorCode.BLOB_UPLOAD_UNKNOWN, message="this registry is pull-only")
 
-    @app.get("/v2/<name:path>/blobs/<digest>")
+    @app.get("/v2/<name:path>/blobs/<digest>", name="blob")
     def blob(name: str, digest: str) -> HTTPResponse:
         validate_name(name)
         validate_digest(digest)
@@ -189,7 +290,7 @@ def create_app(service: ImageService, storage: Storage) -> Bottle:
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": digest})
         return _blob_response(digest, location, storage)
 
-    @app.get("/v2/<name:path>/tags/list")
+    @app.get("/v2/<name:path>/tags/list", name="tags")
     def tags(name: str) -> HTTPResponse:
         n = _page_size(request.query.get("n"))
         last = request.query.get("last")
@@ -201,7 +302,7 @@ def create_app(service: ImageService, storage: Storage) -> Bottle:
             headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={page[-1]}>; rel="next"'
         return HTTPResponse(json.dumps({"name": name, "tags": page}), headers=headers)
 
-    @app.get("/v2/<name:path>/referrers/<digest>")
+    @app.get("/v2/<name:path>/referrers/<digest>", name="referrers")
     def referrers(name: str, digest: str) -> HTTPResponse:
         validate_name(name)
         validate_digest(digest)
@@ -211,13 +312,13 @@ def create_app(service: ImageService, storage: Storage) -> Bottle:
             headers["OCI-Filters-Applied"] = "artifactType"
         return HTTPResponse(index_document(Format.OCI, []).data, headers=headers)
 
-    @app.route("/v2/<path:path>", method=WRITE_METHODS)
+    @app.route("/v2/<path:path>", method=WRITE_METHODS, name="unsupported")
     def unsupported(path: str) -> HTTPResponse:
         raise RegistryError(
             ErrorCode.UNSUPPORTED, {"method": request.method}, "this registry is pull-only"
         )
 
-    @app.route("/<path:path>", method=["GET", *WRITE_METHODS])
+    @app.route("/<path:path>", method=["GET", *WRITE_METHODS], name="not_found")
     def not_found(path: str) -> HTTPResponse:
         raise RegistryError(ErrorCode.NAME_UNKNOWN, {"path": "/" + path[:200]}, "no such endpoint")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -222,13 +222,21 @@ def main() -> None:
     show_default=True,
     envvar="NIXERY_LOG_LEVEL",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="NIXERY_LOG_FORMAT",
+    help="One line per event: readable text, or JSON.",
+)
 def serve(**options: Any) -> None:
     """Serve images over the registry protocol."""
     from nixery.config import Settings
     from nixery.runtime import build_app
     from nixery.server import serve as run_server
 
-    _setup_logging(options["log_level"])
+    _setup_logging(options["log_level"], options["log_format"])
     try:
         settings = Settings.from_options(options)
         app = build_app(settings)
@@ -256,12 +264,112 @@ def check_config(file: str, syntax_only: bool) -> None:
     click.echo(f"{file}: ok")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+@main.command()
+@click.argument("image")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write: a directory for oci, a file for the archives.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["oci", "oci-archive", "docker-archive"]),
+    default="oci",
+    show_default=True,
+    help="oci: an OCI image layout directory; oci-archive and docker-archive: a tar file"
+    " for podman load or docker load.",
+)
+@click.option("--pkgs-path", envvar="NIXERY_PKGS_PATH", help="A Nix file or directory.")
+@click.option("--channel", envvar="NIXERY_CHANNEL", help="A nixpkgs channel name or commit.")
+@click.option("--pkgs-repo", envvar="NIXERY_PKGS_REPO", help="A git repository.")
+@click.option(
+    "--default-pkgs-path",
+    envvar="NIXERY_DEFAULT_PKGS_PATH",
+    help="The package set to use when no source is given (default: the channel).",
+)
+@click.option(
+    "--storage-path",
+    default=default_storage_path,
+    show_default="$XDG_CACHE_HOME/nixery",
+    envvar=["STORAGE_PATH", "NIXERY_STORAGE_PATH"],
+    help="Cache of layers, shared with `nixery serve`.",
+)
+@click.option(
+    "--platform",
+    "platform_name",
+    default=None,
+    help="linux/amd64 or linux/arm64 (default: the host's, or arm64 if the name says so).",
+)
+@click.option("--nix-timeout", type=click.FloatRange(min=1), default=600, show_default=True)
+@click.option("--popularity", envvar="NIX_POPULARITY_URL", help="Popularity JSON file or URL.")
+@click.option("--layer-budget", type=click.IntRange(1, 125), default=94, show_default=True)
+@click.option(
+    "--overlay",
+    "overlays",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A nixpkgs overlay file; repeatable.",
+)
+@click.option("--compression-level", type=click.IntRange(0, 3), default=1, show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    show_default=True,
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+def build(image: str, output: Path, fmt: str, platform_name: str | None, **options: Any) -> None:
+    """Build IMAGE (NAME[:TAG], e.g. shell/git:latest) without a server."""
+    from nixery import layout
+    from nixery.config import Settings
+    from nixery.names import parse_image_name, validate_tag
+    from nixery.progress import console_progress
+    from nixery.runtime import make_service
+
+    _setup_logging(options.pop("log_level"), options.pop("log_format"))
+    name, _, tag = image.partition(":")
+    tag = tag or "latest"
+    progress = console_progress(sys.stderr)
+    try:
+        request = parse_image_name(name)
+        validate_tag(tag)
+        defaults = {"host": "", "port": 0, "storage_backend": "filesystem"}
+        settings = Settings.from_options(defaults | options | {"platforms": platform_name})
+        service = make_service(settings, progress)
+        source = service.sources.resolve(tag)
+        platform = request.platform or settings.platforms[0]
+        built = service.image(request, source, platform, name, tag)
+        progress.step(f"writing {fmt} to {output}")
+        layout.write(service.storage, built, output, fmt, name, tag)
+    except NixeryError as exc:
+        raise click.ClickException(_explain(exc)) from exc
+    finally:
+        progress.close()
+    click.echo(str(output))
+
+
+def _explain(exc: NixeryError) -> str:
+    """A build error as a person wants to read it on a terminal."""
+    from nixery.errors import BuildFailed, RegistryError
+
+    if isinstance(exc, RegistryError):
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        text = exc.message + (f": {detail['reason']}" if "reason" in detail else "")
+        for wrong, close in detail.get("suggestions", {}).items():
+            text += f"\n  {wrong}: did you mean {' or '.join(close)}?"
+        return text
+    if isinstance(exc, BuildFailed) and exc.log_tail:
+        return f"{exc.summary}\n{exc.log_tail}"
+    return str(exc)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from nixery import logs
+
+    logs.setup(level, fmt)
 
 
 __all__ = ["ConfigError", "main"]

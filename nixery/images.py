@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from nixery import archive
+from nixery.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
 from nixery.archive import PackedLayer
-from nixery.errors import BuildFailed, ErrorCode, RegistryError, UnknownPackages
+from nixery.catalog import Catalog, Lookup
+from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError, UnknownPackages
 from nixery.graph import ClosureGraph, store_path_name
 from nixery.layers import DEFAULT_BUDGET, LayerGroup, group_layers
 from nixery.manifest import (
@@ -35,6 +38,7 @@ from nixery.manifest import (
 )
 from nixery.names import (
     ImageRequest,
+    image_component,
     is_digest,
     is_sha256,
     parse_image_name,
@@ -45,7 +49,7 @@ from nixery.nix import Nix, ResolvedPackage
 from nixery.platforms import Platform, host_platform
 from nixery.rootfs import root_entries
 from nixery.singleflight import SingleFlight
-from nixery.sources import ResolvedSource, Sources
+from nixery.sources import LATEST, ResolvedSource, Sources
 from nixery.storage import BlobWriter, Storage
 
 log = logging.getLogger(__name__)
@@ -124,14 +128,19 @@ class ImageService:
         sources: Sources,
         settings: BuildSettings,
         popularity: Mapping[str, int] | None = None,
+        events: BuildEvents | None = None,
     ):
         self.storage = storage
         self.nix = nix
         self.sources = sources
         self.settings = settings
         self.popularity = dict(popularity or {})
+        self.events = events or BuildEvents()
+        self.catalog = Catalog(nix, settings.overlays)
         self._flight: SingleFlight[BuiltImage] = SingleFlight()
         self.layers_packed = 0  # observable by tests and metrics
+        self._asking = _Count()  # requests inside a (possibly shared) build
+        self._building = _Count()  # builds running
 
     # -- requests -------------------------------------------------------
 
@@ -144,10 +153,10 @@ class ImageService:
         source = self.sources.resolve(reference)
         platforms = (request.platform,) if request.platform else self.settings.platforms
         if accept.index_format is not None and len(platforms) > 1:
-            images = [(p, self.image(request, source, p)) for p in platforms]
+            images = [(p, self.image(request, source, p, name, reference)) for p in platforms]
             return self._index(images, accept.index_format)
         # Without a list the client gets the first configured platform; only it is built.
-        image = self.image(request, source, platforms[0])
+        image = self.image(request, source, platforms[0], name, reference)
         return self._stored_manifest(image.manifests[accept.formats[0].name].digest)
 
     def tags(self, name: str) -> list[str]:
@@ -192,9 +201,16 @@ class ImageService:
     # -- building -------------------------------------------------------
 
     def image(
-        self, request: ImageRequest, source: ResolvedSource, platform: Platform
+        self,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        name: str | None = None,
+        tag: str = LATEST,
     ) -> BuiltImage:
-        """The built image for one platform, from cache or from Nix."""
+        """The built image for one platform, from cache or from Nix.
+
+        `name` and `tag` are as asked; they label the build for people."""
         key = _key(
             FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
             self.settings.overlays, self.settings.layer_budget, self.settings.compression_level,
@@ -203,54 +219,157 @@ class ImageService:
         doc_key = f"images/{key}.json"
         # The revision pins the package set, so a stored image is never stale.
         cached = self._stored_image(doc_key)
+        self.events.cache_lookup("image", cached is not None)
         if cached is not None:
             return cached
-        return self._flight.do(
-            key,
-            lambda: self._stored_image(doc_key) or self._build(request, source, platform, doc_key),
-        )
+        label = name or "/".join(request.requested) or "/".join(request.packages)
+        with self._asking.held():
+            return self._flight.do(
+                key,
+                lambda: (
+                    self._stored_image(doc_key)
+                    or self._build(request, source, platform, doc_key, label, tag)
+                ),
+            )
 
     def _stored_image(self, doc_key: str) -> BuiltImage | None:
         cached = self.storage.get_document(doc_key)
         return None if cached is None else BuiltImage.from_json(json.loads(cached))
 
     def _build(
-        self, request: ImageRequest, source: ResolvedSource, platform: Platform, doc_key: str
+        self,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        doc_key: str,
+        name: str,
+        tag: str,
     ) -> BuiltImage:
-        started = time.monotonic()
+        image_key = doc_key.removeprefix("images/").removesuffix(".json")
+        build = Build(name, tag, str(platform), request.packages, image_key)
+        self.events.build_started(build)
+        log.info("build started", extra={"image": name, "tag": tag, "build": build.id})
+        try:
+            with self._building.held():
+                built, packed = self._build_steps(build, request, source, platform, doc_key)
+        except Exception as exc:  # every build that starts must end on the page
+            self._failed(build, exc)
+            raise
+        layers = [(layer.size, p) for layer, p in zip(built.layers, packed, strict=True)]
+        record = build.record(SUCCESS, layers)
+        self.events.build_ended(build, record)
+        log.info(
+            "built %s for %s in %.2fs (%d layers, packed %d layers)",
+            name, platform, record.duration, record.layers, record.packed,
+            extra={"image": name, "tag": tag, "build": build.id,
+                   "duration": round(record.duration, 3),
+                   "layers": record.layers, "packed": record.packed, "size": record.size},
+        )  # fmt: skip
+        return built
+
+    def _build_steps(
+        self,
+        build: Build,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        doc_key: str,
+    ) -> tuple[BuiltImage, list[bool]]:
+        on_log = self._log_listener(build)
         try:
             packages = self.nix.resolve(
                 self.sources.nix_source(source),
                 platform.nix_system,
                 request.packages,
                 self.settings.overlays,
+                on_log,
             )
         except UnknownPackages as exc:
+            detail: dict[str, Any] = {"unknown_packages": exc.names}
+            suggestions = self._suggestions(source, platform, exc.names)
+            if suggestions:
+                detail["suggestions"] = suggestions
             raise RegistryError(
                 ErrorCode.MANIFEST_UNKNOWN,
-                {"unknown_packages": exc.names},
+                detail,
                 message="unknown packages: " + ", ".join(exc.names),
             ) from exc
-        built, packed = self._pack(packages, platform)
+        built, packed = self._pack(packages, platform, build)
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
-        log.info(
-            "built %s for %s in %.2fs (%d layers, packed %d layers)",
-            ",".join(request.packages), platform, time.monotonic() - started,
-            len(built.layers), packed,
-        )  # fmt: skip
-        return built
+        return built, packed
+
+    def _failed(self, build: Build, exc: Exception) -> None:
+        fields = {"image": build.image, "tag": build.tag, "build": build.id}
+        if isinstance(exc, RegistryError) and exc.code is ErrorCode.MANIFEST_UNKNOWN:
+            self.events.build_ended(build, build.record(UNKNOWN_PACKAGES, error=exc.message))
+            log.info("build rejected: %s", exc.message, extra=fields)
+            return
+        log_tail = exc.log_tail if isinstance(exc, BuildFailed) else None
+        self.events.build_ended(build, build.record(FAILURE, error=str(exc), log_tail=log_tail))
+        log.warning("build failed: %s", exc, extra=fields)
+
+    def _log_listener(self, build: Build) -> Callable[[str], None]:
+        def listen(line: str) -> None:
+            build.log(line)
+            self.events.build_log(build, line)
+
+        return listen
+
+    def _phase(self, build: Build, phase: str, total: int = 0) -> None:
+        build.enter(phase, total)
+        self.events.build_phase(build)
+
+    def _suggestions(
+        self, source: ResolvedSource, platform: Platform, names: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """Close matches for each unknown name, written as image names."""
+        out: dict[str, list[str]] = {}
+        try:
+            nix_source = self.sources.nix_source(source)
+            for name in names:
+                close = self.catalog.suggest(nix_source, source.revision, platform.nix_system, name)
+                components = [c for c in map(image_component, close) if c]
+                if components:
+                    out[image_component(name) or name] = components
+        except NixeryError:
+            log.warning("no suggestions: listing the package set failed", exc_info=True)
+        return out
+
+    def _advance(self, build: Build) -> None:
+        build.advance()
+        self.events.build_phase(build)
+
+    def builds_in_progress(self) -> int:
+        return self._building.value
+
+    def builds_queued(self) -> int:
+        """Requests waiting for a build that another request started."""
+        return max(self._asking.value - self._building.value, 0)
+
+    def lookup(self, query: str, tag: str = LATEST) -> Lookup:
+        """What `query` means in the package set behind `tag`."""
+        source = self.sources.resolve(tag)
+        system = self.settings.platforms[0].nix_system
+        return self.catalog.lookup(self.sources.nix_source(source), source.revision, system, query)
 
     def _pack(
-        self, packages: Sequence[ResolvedPackage], platform: Platform
-    ) -> tuple[BuiltImage, int]:
-        """Build the packages and store the image; also return how many layers were packed."""
-        outs = self.nix.realise(packages)
+        self, packages: Sequence[ResolvedPackage], platform: Platform, build: Build
+    ) -> tuple[BuiltImage, list[bool]]:
+        """Build the packages and store the image; also say which layers were packed."""
+        self._phase(build, "building")
+        outs = self.nix.realise(packages, self._log_listener(build))
         graph = self.nix.closure(outs)
         groups = group_layers(graph, self.popularity, self.settings.layer_budget)
-        results = [self._store_layer(group) for group in groups]
+        self._phase(build, "packing", total=len(groups) + 1)
+        results = []
+        for group in groups:
+            results.append(self._store_layer(group))
+            self._advance(build)
         results.append(self._root_layer(packages))
+        self._advance(build)
+        self._phase(build, "storing")
         layers = [layer for layer, _ in results]
-        packed = sum(1 for _, was_packed in results if was_packed)
+        packed = [was_packed for _, was_packed in results]
         histories = [_history(layer.paths) for layer in layers[:-1]] + ["nixery: root file system"]
         names = {p.attr_path for p in packages}
         cmd = ["bash"] if "bashInteractive" in names else None
@@ -288,7 +407,9 @@ class ImageService:
         if cached is not None:
             layer = Layer.from_json(json.loads(cached))
             if self.storage.locate_blob(layer.digest) is not None:
+                self.events.cache_lookup("layer", True)
                 return layer, False
+        self.events.cache_lookup("layer", False)
         with self.storage.blob_writer() as writer:
             packed = write(writer)
             digest = writer.commit()
@@ -296,6 +417,24 @@ class ImageService:
         self.layers_packed += 1
         self.storage.put_document(key, json.dumps(layer.to_json()).encode())
         return layer, True
+
+
+class _Count:
+    """A thread-safe count of callers inside a block."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            self.value += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.value -= 1
 
 
 def _history(paths: Sequence[str]) -> str:

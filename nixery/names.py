@@ -88,3 +88,11 @@ def attribute_name(component: str) -> str:
     """Nix attributes cannot start with a digit; nixpkgs prefixes an underscore."""
     parts = component.split(".")
     return ".".join(f"_{p}" if p[:1].isdigit() else p for p in parts)
+
+
+def image_component(attr_path: str) -> str | None:
+    """How to write an attribute in an image name (the inverse of
+    `attribute_name`), or None if it cannot be written there."""
+    parts = [p[1:] if p[:1] == "_" and p[1:2].isdigit() else p for p in attr_path.split(".")]
+    component = ".".join(parts).lower()
+    return component if re.fullmatch(NAME_COMPONENT, component) else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -29,6 +29,9 @@ from nixery.graph import ClosureGraph, parse_registration
 
 LOG_TAIL_LINES = 30
 FLAKES = ["--extra-experimental-features", "nix-command flakes"]
+
+# Receives Nix's stderr line by line while a command runs.
+LogListener = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,16 @@ class ResolvedPackage:
 
 
 @dataclass(frozen=True)
+class PackageInfo:
+    """What the package set says about a name, for people looking it up."""
+
+    name: str  # as asked
+    attr_path: str
+    version: str | None
+    description: str | None
+
+
+@dataclass(frozen=True)
 class Nix:
     """Runs Nix commands with a timeout and optional extra options."""
 
@@ -78,10 +91,16 @@ class Nix:
             argv += ["--option", name, value]
         return argv
 
-    def _run(self, argv: list[str], what: str, timeout: float | None = None) -> process.Completed:
+    def _run(
+        self,
+        argv: list[str],
+        what: str,
+        timeout: float | None = None,
+        on_log: LogListener | None = None,
+    ) -> process.Completed:
         timeout = timeout or self.timeout
         try:
-            return process.run(argv, timeout=timeout, env=self._environment())
+            return process.run(argv, timeout=timeout, env=self._environment(), on_stderr=on_log)
         except CommandTimeout as exc:
             raise BuildFailed(f"{what} timed out after {timeout:g}s", _tail(exc.stderr)) from exc
         except CommandError as exc:
@@ -94,22 +113,12 @@ class Nix:
             env["TMPDIR"] = "/tmp"
         return env
 
-    def resolve(
-        self,
-        source: NixSource,
-        system: str,
-        packages: Sequence[str],
-        overlays: Sequence[str] = (),
-    ) -> list[ResolvedPackage]:
-        """Look every name up at once; raise UnknownPackages naming all misses."""
-        args: dict[str, Any] = {
-            "source": source.to_json(),
-            "system": system,
-            "packages": list(packages),
-            "overlays": list(overlays),
-        }
+    def _evaluate(
+        self, source: NixSource, args: dict[str, Any], on_log: LogListener | None = None
+    ) -> Any:
+        """Run `resolve.nix` on `args` (with `source`), handed over as a JSON file."""
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="nixery-args-") as fh:
-            json.dump(args, fh)
+            json.dump({"source": source.to_json(), **args}, fh)
             fh.flush()
             os.chmod(fh.name, 0o644)
             with resources.as_file(resources.files("nixery") / "nixexprs" / "resolve.nix") as expr:
@@ -118,7 +127,24 @@ class Nix:
                     "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
                     *flakes, *self._options(), str(expr), "--argstr", "argsFile", fh.name,
                 ]  # fmt: skip
-                result = json.loads(self._run(argv, "evaluating the package set").stdout)
+                completed = self._run(argv, "evaluating the package set", on_log=on_log)
+                return json.loads(completed.stdout)
+
+    def resolve(
+        self,
+        source: NixSource,
+        system: str,
+        packages: Sequence[str],
+        overlays: Sequence[str] = (),
+        on_log: LogListener | None = None,
+    ) -> list[ResolvedPackage]:
+        """Look every name up at once; raise UnknownPackages naming all misses."""
+        args: dict[str, Any] = {
+            "system": system,
+            "packages": list(packages),
+            "overlays": list(overlays),
+        }
+        result = self._evaluate(source, args, on_log)
         if result["unknown"]:
             raise UnknownPackages(sorted(result["unknown"]))
         return [
@@ -126,7 +152,38 @@ class Nix:
             for p in result["packages"]
         ]
 
-    def realise(self, packages: Sequence[ResolvedPackage]) -> list[str]:
+    def describe(
+        self,
+        source: NixSource,
+        system: str,
+        names: Sequence[str],
+        overlays: Sequence[str] = (),
+        list_attributes: bool = False,
+    ) -> tuple[list[PackageInfo], list[str] | None]:
+        """Version and description of the names that resolve (misses are left
+        out) and, if asked, the package set's top-level attribute names."""
+        args: dict[str, Any] = {
+            "system": system,
+            "packages": list(names),
+            "overlays": list(overlays),
+            "describe": True,
+            "listAttributes": list_attributes,
+        }
+        result = self._evaluate(source, args)
+        found = [
+            PackageInfo(p["name"], p["attrPath"], p.get("version"), p.get("description"))
+            for p in result["packages"]
+        ]
+        attributes = result.get("attributes")
+        return found, (list(attributes) if attributes is not None else None)
+
+    def version(self) -> str:
+        """The Nix version, e.g. `nix-store (Nix) 2.8.0`; proves Nix can run."""
+        return self._run(["nix-store", "--version"], "running nix-store").stdout.strip()
+
+    def realise(
+        self, packages: Sequence[ResolvedPackage], on_log: LogListener | None = None
+    ) -> list[str]:
         """Build (or substitute) the packages' outputs; return their store paths."""
         if not packages:
             return []
@@ -134,7 +191,7 @@ class Nix:
             "nix-store", "--realise", "--timeout", str(int(self.timeout)), *self._options(),
             *sorted({p.installable for p in packages}),
         ]  # fmt: skip
-        outs = self._run(argv, "building the image's packages").stdout.split()
+        outs = self._run(argv, "building the image's packages", on_log=on_log).stdout.split()
         wanted = {p.out for p in packages}
         missing = wanted - set(outs)
         if missing:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from bottle import Bottle
 
+from nixery.activity import Activity, BuildEvents, Fanout
 from nixery.app import create_app
 from nixery.config import Settings
+from nixery.health import Health, storage_writable
 from nixery.images import BuildSettings, ImageService
+from nixery.metrics import Metrics
 from nixery.nix import Nix
 from nixery.popularity import load_popularity
 from nixery.sources import Sources
@@ -37,7 +40,9 @@ def make_nix(settings: Settings) -> Nix:
     return Nix(timeout=settings.nix_timeout, extra_options=options)
 
 
-def make_service(settings: Settings) -> ImageService:
+def make_service(
+    settings: Settings, events: BuildEvents | None = None, storage: Storage | None = None
+) -> ImageService:
     popularity = load_popularity(settings.popularity) if settings.popularity else {}
     build = BuildSettings(
         layer_budget=settings.layer_budget,
@@ -47,14 +52,20 @@ def make_service(settings: Settings) -> ImageService:
     )
     nix = make_nix(settings)
     return ImageService(
-        make_storage(settings),
+        storage or make_storage(settings),
         nix,
         Sources(settings.source, nix, settings.overlays, settings.nix_timeout),
         build,
         popularity,
+        events,
     )
 
 
 def build_app(settings: Settings) -> Bottle:
-    service = make_service(settings)
-    return create_app(service, service.storage)
+    storage = make_storage(settings)
+    activity = Activity(storage)
+    metrics = Metrics()
+    service = make_service(settings, Fanout(activity, metrics), storage)
+    metrics.track(service.builds_in_progress, service.builds_queued)
+    health = Health({"storage": storage_writable(storage), "nix": service.nix.version})
+    return create_app(service, storage, activity=activity, metrics=metrics, health=health)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import s3server
+from tests.gated import GatedPackage, make_gated_package
 
 FIXTURE_PKGS = Path(__file__).parent / "fixtures" / "pkgs"
 
@@ -142,3 +143,11 @@ def require(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.fail(f"missing tools {missing}: run .ci/run or install them (see README)")
+
+
+@pytest.fixture
+def gated() -> Iterator[GatedPackage]:
+    """A package (added by an overlay) whose build waits for `gated.open()`."""
+    package = make_gated_package()
+    yield package
+    package.remove()

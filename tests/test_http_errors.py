@@ -81,3 +81,12 @@ def test_manifest_head_get_and_blobs(server: Server) -> None:
         {"Range": f"bytes={layer['size'] + 5}-"},
     )
     assert bad.status == 416
+
+
+def test_unknown_packages_come_with_suggestions(server: Server) -> None:
+    reply = call(server.host, "GET", "/v2/shell/helo/gti/manifests/latest")
+    assert_error(reply, 404, "MANIFEST_UNKNOWN")
+    detail = reply.json()["errors"][0]["detail"]
+    assert detail["unknown_packages"] == ["gti", "helo"]
+    assert detail["suggestions"]["helo"][0] == "hello"
+    assert detail["suggestions"]["gti"] == ["git"]

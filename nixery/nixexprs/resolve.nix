@@ -9,11 +9,13 @@
 #   system   = "x86_64-linux";
 #   overlays = [ "/abs/overlay.nix" ... ];
 #   packages = [ "hello" "haskellPackages.pandoc" ... ];
+#   describe = true;        # optional: add `version` and `description`
+#   listAttributes = true;  # optional: add the set's top-level names
 # }
 #
 # Result: { unknown = [ name ... ]; packages = [ { name, attrPath, drv, out,
 # output } ... ]; } where `unknown` lists every name that does not
-# resolve to a derivation.
+# resolve to a derivation; with `listAttributes`, also `attributes`.
 { argsFile }:
 let
   args = builtins.fromJSON (builtins.readFile argsFile);
@@ -74,6 +76,14 @@ let
 
   isDerivation = v: builtins.isAttrs v && (v.type or null) == "derivation";
 
+  # Metadata is informative only: a value that fails to evaluate is null.
+  stringOrNull = v: let t = builtins.tryEval v; in
+    if t.success && builtins.isString t.value then t.value else null;
+  describe = v: {
+    version = stringOrNull (v.version or null);
+    description = stringOrNull (v.meta.description or null);
+  };
+
   resolve = name:
     let
       r = lookup pkgs (splitName name);
@@ -87,11 +97,12 @@ let
       drv = builtins.unsafeDiscardStringContext drv.value;
       out = builtins.unsafeDiscardStringContext r.value.outPath;
       output = r.value.outputName or "out";
-    } else { inherit name; unknown = true; };
+    } // (if args.describe or false then describe r.value else { })
+    else { inherit name; unknown = true; };
 
   results = map resolve args.packages;
 in
 {
   unknown = map (r: r.name) (builtins.filter (r: r ? unknown) results);
   packages = builtins.filter (r: !(r ? unknown)) results;
-}
+} // (if args.listAttributes or false then { attributes = builtins.attrNames pkgs; } else { })

@@ -1,0 +1,104 @@
+"""Package lookups and "did you mean", against real Nix and the fixture set."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from nixery.catalog import Catalog
+from nixery.names import image_component
+from nixery.nix import Nix, NixSource
+from tests.conftest import FIXTURE_PKGS
+
+pytestmark = pytest.mark.nix
+
+SOURCE = NixSource("path", str(FIXTURE_PKGS))
+REVISION = f"path:{FIXTURE_PKGS}"
+SYSTEM = "x86_64-linux"
+
+
+class CountingNix(Nix):
+    """The real Nix, counting evaluations (to see what the cache saves)."""
+
+    calls: list[int]
+
+    def describe(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(1)
+        return super().describe(*args, **kwargs)
+
+
+@pytest.fixture
+def nix() -> CountingNix:
+    nix = CountingNix(timeout=120)
+    object.__setattr__(nix, "calls", [])
+    return nix
+
+
+def test_describe_reads_version_and_description(nix: Nix) -> None:
+    found, attributes = nix.describe(
+        SOURCE, SYSTEM, ["HELLO", "xorg.xev", "nope", "notAPackage"], list_attributes=True
+    )
+    by_name = {p.name: p for p in found}
+    assert set(by_name) == {"HELLO", "xorg.xev"}
+    assert by_name["HELLO"].attr_path == "hello"
+    assert by_name["HELLO"].version == "2.10"
+    assert by_name["HELLO"].description == "Program that prints a friendly greeting"
+    assert by_name["xorg.xev"].attr_path == "xorg.xev"
+    assert attributes is not None
+    assert {"hello", "curl", "xorg", "haskellPackages", "_1password"} <= set(attributes)
+
+
+def test_version_shows_nix_runs(nix: Nix) -> None:
+    assert "Nix" in nix.version()
+
+
+def test_lookup_found_missing_and_suggestions(nix: CountingNix) -> None:
+    catalog = Catalog(nix)
+    hello = catalog.lookup(SOURCE, REVISION, SYSTEM, "hello")
+    assert hello.found and hello.info is not None
+    assert hello.info.version == "2.10" and hello.image_name == "hello"
+    assert hello.suggestions == ()
+
+    miss = catalog.lookup(SOURCE, REVISION, SYSTEM, "helo")
+    assert not miss.found
+    assert miss.suggestions[0] == "hello"
+
+    digits = catalog.lookup(SOURCE, REVISION, SYSTEM, "1password")
+    assert digits.info is not None and digits.info.attr_path == "_1password"
+    assert digits.image_name == "1password"
+
+    assert catalog.suggest(SOURCE, REVISION, SYSTEM, "gti") == ["git"]
+    assert (
+        catalog.suggest(SOURCE, REVISION, SYSTEM, "haskelpackages.pandoc")[0] == "haskellPackages"
+    )
+    # The set exists; nothing is indexed below the top level.
+    assert catalog.suggest(SOURCE, REVISION, SYSTEM, "xorg.xevv") == []
+
+
+def test_lookups_and_the_name_list_are_cached(nix: CountingNix) -> None:
+    catalog = Catalog(nix)
+    catalog.lookup(SOURCE, REVISION, SYSTEM, "helo")  # one evaluation: the name and the list
+    catalog.lookup(SOURCE, REVISION, SYSTEM, "helo")
+    catalog.suggest(SOURCE, REVISION, SYSTEM, "crul")
+    assert len(nix.calls) == 1
+    catalog.lookup(SOURCE, REVISION, SYSTEM, "curl")
+    assert len(nix.calls) == 2
+
+
+def test_expired_entries_are_looked_up_again(nix: CountingNix) -> None:
+    catalog = Catalog(nix, ttl=0.01)
+    catalog.lookup(SOURCE, REVISION, SYSTEM, "hello")
+    time.sleep(0.05)
+    catalog.lookup(SOURCE, REVISION, SYSTEM, "hello")
+    assert len(nix.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("attr", "component"),
+    [("hello", "hello"), ("haskellPackages.pandoc", "haskellpackages.pandoc"),
+     ("_1password", "1password"), ("foo._7zip", "foo.7zip"), ("_private", None),
+     ("a__b", "a__b"), ("with space", None)],
+)  # fmt: skip
+def test_image_component_inverts_attribute_names(attr: str, component: str | None) -> None:
+    assert image_component(attr) == component

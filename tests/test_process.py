@@ -1,0 +1,72 @@
+"""The subprocess choke point: stderr reaches listeners while a command runs."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from nixery import process
+from nixery.errors import CommandError, CommandTimeout
+
+
+def test_stderr_lines_arrive_while_the_command_runs(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    # The command waits for a file that only the listener creates, so it can
+    # finish only if the first line is delivered before the command exits.
+    script = (
+        'echo first >&2; i=0; while [ ! -e "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1));'
+        ' done; [ -e "$1" ] || exit 3; echo second >&2; echo out'
+    )
+    seen: list[str] = []
+
+    def listen(line: str) -> None:
+        seen.append(line)
+        if line == "first":
+            gate.touch()
+
+    done = process.run(["sh", "-c", script, "sh", str(gate)], timeout=30, on_stderr=listen)
+    assert seen == ["first", "second"]
+    assert done.stdout == "out\n"
+    assert done.stderr == "first\nsecond\n"
+
+
+def test_failures_keep_stderr_and_a_broken_listener_is_harmless() -> None:
+    def broken(line: str) -> None:
+        raise RuntimeError("listener bug")
+
+    with pytest.raises(CommandError) as err:
+        process.run(["sh", "-c", "echo boom >&2; exit 4"], on_stderr=broken)
+    assert err.value.returncode == 4
+    assert err.value.stderr == "boom\n"
+
+
+def test_timeout_kills_the_group_and_keeps_what_was_said() -> None:
+    lines: list[str] = []
+    with pytest.raises(CommandTimeout) as err:
+        process.run(
+            ["sh", "-c", "echo started >&2; sleep 30 & wait"], timeout=1, on_stderr=lines.append
+        )
+    assert lines == ["started"]
+    assert "started" in err.value.stderr
+
+
+def test_large_output_on_both_streams_does_not_deadlock() -> None:
+    script = "i=0; while [ $i -lt 20000 ]; do echo line$i; echo err$i >&2; i=$((i+1)); done"
+    count = 0
+    lock = threading.Lock()
+
+    def listen(line: str) -> None:
+        nonlocal count
+        with lock:
+            count += 1
+
+    done = process.run(["sh", "-c", script], timeout=60, on_stderr=listen)
+    assert done.stdout.count("\n") == 20000
+    assert count == 20000
+
+
+def test_argv_must_be_a_list_of_strings() -> None:
+    with pytest.raises(TypeError):
+        process.run("echo hi")  # type: ignore[arg-type]
