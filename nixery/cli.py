@@ -324,6 +324,7 @@ def check_config(file: str, syntax_only: bool) -> None:
 def build(image: str, output: Path, fmt: str, platform_name: str | None, **options: Any) -> None:
     """Build IMAGE (NAME[:TAG], e.g. shell/git:latest) without a server."""
     from nixery import layout
+    from nixery.activity import Activity, Fanout
     from nixery.config import Settings
     from nixery.names import parse_image_name, validate_tag
     from nixery.progress import console_progress
@@ -338,10 +339,13 @@ def build(image: str, output: Path, fmt: str, platform_name: str | None, **optio
         validate_tag(tag)
         defaults = {"host": "", "port": 0, "storage_backend": "filesystem"}
         settings = Settings.from_options(defaults | options | {"platforms": platform_name})
-        service = make_service(settings, progress)
+        activity = Activity()
+        service = make_service(settings, Fanout(progress, activity))
         source = service.sources.resolve(tag)
         platform = request.platform or settings.platforms[0]
         built = service.image(request, source, platform, name, tag)
+        if not activity.builds():
+            progress.step(f"{name}:{tag} for {platform} is in the cache; nothing to build")
         progress.step(f"writing {fmt} to {output}")
         layout.write(service.storage, built, output, fmt, name, tag)
     except NixeryError as exc:
