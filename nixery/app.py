@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import bottle
@@ -20,6 +20,7 @@ from bottle import Bottle, HTTPResponse, Route, request
 
 from nixery import logs, web
 from nixery.activity import Activity
+from nixery.auth import MAY_BUILD
 from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError
 from nixery.health import Health, storage_writable
 from nixery.images import ImageService
@@ -53,7 +54,7 @@ def _registry_errors(callback: Callable[..., Any]) -> Callable[..., Any]:
         try:
             result = callback(*args, **kwargs)
         except RegistryError as exc:
-            result = error_response(exc)
+            result = error_response(exc, exc.headers)
         except BuildFailed as exc:
             result = error_response(
                 RegistryError(
@@ -241,12 +242,16 @@ def create_app(
     activity: Activity | None = None,
     metrics: Metrics | None = None,
     health: Health | None = None,
+    plugins: Sequence[Any] = (),
 ) -> Bottle:
+    """`plugins` (rate limits, access control) wrap every route inside error rendering."""
     metrics = metrics or Metrics()
     health = health or Health({"storage": storage_writable(storage)})
     app = Bottle(autojson=False)
     app.install(_Observer(metrics))
     app.install(_registry_errors)
+    for plugin in plugins:
+        app.install(plugin)
     app.add_hook("before_request", _begin_request)
 
     @app.get("/metrics", name="metrics")
@@ -254,7 +259,8 @@ def create_app(
         body, content_type = metrics.render(request.get_header("Accept", ""))
         return HTTPResponse(body, headers={"Content-Type": content_type})
 
-    @app.get("/healthz", name="healthz")
+    # Public even with --auth: probes carry no credentials.
+    @app.get("/healthz", name="healthz", public=True)
     def healthz() -> HTTPResponse:
         healthy, body = health.report()
         return HTTPResponse(
@@ -274,7 +280,8 @@ def create_app(
     def manifest(name: str, reference: str) -> HTTPResponse:
         logs.bind(image=name[:255], tag=reference[:128])
         accept = negotiate([request.get_header("Accept", "")])
-        return _manifest_response(service.manifest(name, reference, accept))
+        may_build = request.environ.get(MAY_BUILD, True)
+        return _manifest_response(service.manifest(name, reference, accept, may_build=may_build))
 
     @app.get("/v2/<name:path>/blobs/uploads/", name="upload")
     @app.get("/v2/<name:path>/blobs/uploads/<upload>", name="upload")

@@ -83,6 +83,68 @@ def _scale_out_options(command: Any) -> Any:
     return command
 
 
+def _security_options(command: Any) -> Any:
+    """Limits, access control and TLS for `serve` (README, "Security")."""
+    options = [
+        click.option(
+            "--max-packages",
+            type=click.IntRange(1, 1000),
+            default=64,
+            show_default=True,
+            envvar="NIXERY_MAX_PACKAGES",
+            help="Most path components (packages) in one image name.",
+        ),
+        click.option(
+            "--max-image-size",
+            envvar="NIXERY_MAX_IMAGE_SIZE",
+            help="Largest closure (NAR size) an image may have, e.g. 2G; default: no limit.",
+        ),
+        click.option(
+            "--auth",
+            envvar="NIXERY_AUTH",
+            help="htpasswd:FILE (HTTP Basic) or token:FILE (Docker token flow); bcrypt entries.",
+        ),
+        click.option(
+            "--auth-key",
+            type=click.Path(dir_okay=False),
+            envvar="NIXERY_AUTH_KEY",
+            help="File with the key signing tokens (created if missing); default: per process.",
+        ),
+        click.option(
+            "--token-realm",
+            envvar="NIXERY_TOKEN_REALM",
+            help="Public URL of /token for clients (default: from the request's Host).",
+        ),
+        click.option(
+            "--read-only-cache",
+            is_flag=True,
+            default=False,
+            envvar="NIXERY_READ_ONLY_CACHE",
+            help="Anonymous clients pull only cached images and start no builds.",
+        ),
+        click.option("--tls-cert", type=click.Path(dir_okay=False), envvar="NIXERY_TLS_CERT"),
+        click.option("--tls-key", type=click.Path(dir_okay=False), envvar="NIXERY_TLS_KEY"),
+        click.option(
+            "--rate-limit",
+            type=click.FloatRange(min=0),
+            default=0,
+            envvar="NIXERY_RATE_LIMIT",
+            help="Requests per second per client address; 0: no limit.",
+        ),
+        click.option(
+            "--rate-burst",
+            type=click.IntRange(min=1),
+            default=200,
+            show_default=True,
+            envvar="NIXERY_RATE_BURST",
+            help="Requests a client may send at once before the rate limit applies.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group()
 @click.version_option(package_name="nixery")
 def main() -> None:
@@ -230,6 +292,7 @@ def main() -> None:
     envvar="NIXERY_LOG_FORMAT",
     help="One line per event: readable text, or JSON.",
 )
+@_security_options
 def serve(**options: Any) -> None:
     """Serve images over the registry protocol."""
     from nixery.config import Settings
@@ -242,7 +305,43 @@ def serve(**options: Any) -> None:
         app = build_app(settings)
     except NixeryError as exc:
         raise click.ClickException(str(exc)) from exc
-    run_server(app, settings.host, settings.port)
+    run_server(app, settings.host, settings.port, tls=settings.security.tls)
+
+
+@main.command()
+@click.option(
+    "--storage-path",
+    default=default_storage_path,
+    show_default="$XDG_CACHE_HOME/nixery",
+    envvar=["STORAGE_PATH", "NIXERY_STORAGE_PATH"],
+)
+@click.option(
+    "--keep-days",
+    type=click.FloatRange(min=0),
+    default=30,
+    show_default=True,
+    envvar="NIXERY_KEEP_DAYS",
+    help="Keep images served or built within this many days.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=3600,
+    show_default=True,
+    help="Seconds a new or expired entry is kept, so builds and pulls in progress finish.",
+)
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+def gc(storage_path: str, keep_days: float, grace: float, dry_run: bool) -> None:
+    """Remove expired images and the blobs no kept image references."""
+    from nixery.gc import collect
+    from nixery.storage import FilesystemStorage
+
+    _setup_logging("info")
+    try:
+        report = collect(FilesystemStorage(storage_path), keep_days * 86400, grace, dry_run=dry_run)
+    except NixeryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report.summary(dry_run))
 
 
 @main.command("check-config")

@@ -34,6 +34,60 @@ SOURCE_OPTIONS = ("pkgs_path", "channel", "pkgs_repo", "flake")
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """Limits, access control and TLS (see README, "Security")."""
+
+    max_packages: int = 64
+    max_image_size: int | None = None  # bytes of the closure's NAR size
+    auth: str | None = None  # "htpasswd:FILE" or "token:FILE"
+    auth_key: str | None = None
+    token_realm: str | None = None
+    read_only_cache: bool = False
+    tls: tuple[str, str] | None = None  # certificate and key files
+    rate_limit: float = 0  # requests per second per client; 0: no limit
+    rate_burst: int = 200
+
+    @staticmethod
+    def from_options(options: Mapping[str, Any]) -> SecuritySettings:
+        cert, key = options.get("tls_cert"), options.get("tls_key")
+        if bool(cert) != bool(key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        for path in (cert, key):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"TLS file {path} does not exist")
+        return SecuritySettings(
+            max_packages=int(options.get("max_packages") or 64),
+            max_image_size=parse_size(options.get("max_image_size")),
+            auth=options.get("auth") or None,
+            auth_key=options.get("auth_key") or None,
+            token_realm=options.get("token_realm") or None,
+            read_only_cache=bool(options.get("read_only_cache")),
+            tls=(os.path.abspath(cert), os.path.abspath(key)) if cert and key else None,
+            rate_limit=float(options.get("rate_limit") or 0),
+            rate_burst=int(options.get("rate_burst") or 200),
+        )
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """`500M`, `2G`, `1048576` -> bytes; empty or 0 -> None (no limit)."""
+    if text is None or str(text).strip() in ("", "0"):
+        return None
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1] if value and value[-1] in _SIZE_UNITS else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"invalid size {text!r}: use e.g. 500M or 2G") from None
+    if size <= 0:
+        raise ConfigError(f"invalid size {text!r}: must be positive")
+    return size
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str
     port: int
@@ -48,6 +102,7 @@ class Settings:
     compression_level: int
     s3: S3Settings | None = None
     nix_builders: str | None = None
+    security: SecuritySettings = SecuritySettings()
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -75,6 +130,7 @@ class Settings:
             compression_level=int(options["compression_level"]),
             s3=s3_settings(options),
             nix_builders=options.get("nix_builders") or None,
+            security=SecuritySettings.from_options(options),
         )
 
 

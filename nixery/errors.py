@@ -7,6 +7,7 @@ codes. Nothing else decides statuses.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -53,17 +54,35 @@ class NixeryError(Exception):
 class RegistryError(NixeryError):
     """An error that has a place in the registry protocol."""
 
-    def __init__(self, code: ErrorCode, detail: Any = None, message: str | None = None):
+    def __init__(
+        self,
+        code: ErrorCode,
+        detail: Any = None,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message or code.message)
         self.code = code
         self.detail = detail
         self.message = message or code.message
+        self.headers = dict(headers or {})  # e.g. WWW-Authenticate, Retry-After
 
     def to_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"code": self.code.name, "message": self.message}
         if self.detail is not None:
             entry["detail"] = self.detail
         return {"errors": [entry]}
+
+
+class BuildNotAllowed(RegistryError):
+    """The image is not cached and this request may not build it."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            ErrorCode.MANIFEST_UNKNOWN,
+            {"reason": "not built yet, and this request may not start a build"},
+            "image is not cached and this registry does not build it for this request",
+        )
 
 
 class ConfigError(NixeryError):

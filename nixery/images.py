@@ -22,7 +22,14 @@ from nixery import archive
 from nixery.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
 from nixery.archive import PackedLayer
 from nixery.catalog import Catalog, Lookup
-from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError, UnknownPackages
+from nixery.errors import (
+    BuildFailed,
+    BuildNotAllowed,
+    ErrorCode,
+    NixeryError,
+    RegistryError,
+    UnknownPackages,
+)
 from nixery.graph import ClosureGraph, store_path_name
 from nixery.layers import DEFAULT_BUDGET, LayerGroup, group_layers
 from nixery.manifest import (
@@ -35,6 +42,7 @@ from nixery.manifest import (
     index_document,
     manifest_document,
     media_type_of,
+    referenced_digests,
 )
 from nixery.names import (
     ImageRequest,
@@ -45,7 +53,7 @@ from nixery.names import (
     validate_digest,
     validate_tag,
 )
-from nixery.nix import Nix, ResolvedPackage
+from nixery.nix import Nix, ResolvedPackage, temporary_roots
 from nixery.platforms import Platform, host_platform
 from nixery.rootfs import root_entries
 from nixery.singleflight import SingleFlight
@@ -67,6 +75,7 @@ class BuildSettings:
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))
     overlays: tuple[str, ...] = ()
     max_packages: int = 64
+    max_image_size: int | None = None  # closure NAR bytes
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,10 @@ class ImageService:
 
     # -- requests -------------------------------------------------------
 
-    def manifest(self, name: str, reference: str, accept: Negotiated) -> Document:
+    def manifest(
+        self, name: str, reference: str, accept: Negotiated, may_build: bool = True
+    ) -> Document:
+        """The manifest for `reference`; `may_build=False` serves only cached images."""
         request = parse_image_name(name, self.settings.max_packages)
         if is_digest(reference):
             validate_digest(reference)
@@ -153,10 +165,12 @@ class ImageService:
         source = self.sources.resolve(reference)
         platforms = (request.platform,) if request.platform else self.settings.platforms
         if accept.index_format is not None and len(platforms) > 1:
-            images = [(p, self.image(request, source, p, name, reference)) for p in platforms]
+            images = [
+                (p, self.image(request, source, p, name, reference, may_build)) for p in platforms
+            ]
             return self._index(images, accept.index_format)
         # Without a list the client gets the first configured platform; only it is built.
-        image = self.image(request, source, platforms[0], name, reference)
+        image = self.image(request, source, platforms[0], name, reference, may_build)
         return self._stored_manifest(image.manifests[accept.formats[0].name].digest)
 
     def tags(self, name: str) -> list[str]:
@@ -207,10 +221,12 @@ class ImageService:
         platform: Platform,
         name: str | None = None,
         tag: str = LATEST,
+        may_build: bool = True,
     ) -> BuiltImage:
         """The built image for one platform, from cache or from Nix.
 
-        `name` and `tag` are as asked; they label the build for people."""
+        `name` and `tag` are as asked; they label the build for people.
+        Without `may_build`, only a stored image is returned."""
         key = _key(
             FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
             self.settings.overlays, self.settings.layer_budget, self.settings.compression_level,
@@ -222,6 +238,8 @@ class ImageService:
         self.events.cache_lookup("image", cached is not None)
         if cached is not None:
             return cached
+        if not may_build:
+            raise BuildNotAllowed()
         label = name or "/".join(request.requested) or "/".join(request.packages)
         with self._asking.held():
             return self._flight.do(
@@ -233,8 +251,24 @@ class ImageService:
             )
 
     def _stored_image(self, doc_key: str) -> BuiltImage | None:
-        cached = self.storage.get_document(doc_key)
-        return None if cached is None else BuiltImage.from_json(json.loads(cached))
+        """A stored image whose blobs are all present, or None (then it is rebuilt)."""
+        data = self.storage.get_document(doc_key)
+        if data is None:
+            return None
+        try:
+            built = BuiltImage.from_json(json.loads(data))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable %s", doc_key)
+            return None
+        digests = [d.digest for d in built.manifests.values()]
+        digests += [layer.digest for layer in built.layers]
+        for manifest in built.manifests.values():
+            digests += referenced_digests(self.storage.read_blob(manifest.digest) or b"")
+        if any(self.storage.locate_blob(d) is None for d in digests):
+            log.warning("%s lost blobs; rebuilding", doc_key)
+            return None
+        self.storage.mark_used(doc_key)
+        return built
 
     def _build(
         self,
@@ -357,16 +391,18 @@ class ImageService:
     ) -> tuple[BuiltImage, list[bool]]:
         """Build the packages and store the image; also say which layers were packed."""
         self._phase(build, "building")
-        outs = self.nix.realise(packages, self._log_listener(build))
-        graph = self.nix.closure(outs)
-        groups = group_layers(graph, self.popularity, self.settings.layer_budget)
-        self._phase(build, "packing", total=len(groups) + 1)
-        results = []
-        for group in groups:
-            results.append(self._store_layer(group))
+        with temporary_roots() as roots:
+            outs = self.nix.realise(packages, self._log_listener(build), roots)
+            graph = self.nix.closure(outs)
+            self._check_size(graph)
+            groups = group_layers(graph, self.popularity, self.settings.layer_budget)
+            self._phase(build, "packing", total=len(groups) + 1)
+            results = []
+            for group in groups:
+                results.append(self._store_layer(group))
+                self._advance(build)
+            results.append(self._root_layer(packages))
             self._advance(build)
-        results.append(self._root_layer(packages))
-        self._advance(build)
         self._phase(build, "storing")
         layers = [layer for layer, _ in results]
         packed = [was_packed for _, was_packed in results]
@@ -383,6 +419,16 @@ class ImageService:
             self.storage.put_blob(manifest.data)
             manifests[fmt.name] = manifest.descriptor()
         return BuiltImage(manifests, tuple(layers), tuple(sorted(names))), packed
+
+    def _check_size(self, graph: ClosureGraph) -> None:
+        limit = self.settings.max_image_size
+        size = graph.total_size()
+        if limit is not None and size > limit:
+            raise RegistryError(
+                ErrorCode.DENIED,
+                {"closure_size": size, "max_image_size": limit},
+                f"the image's closure is {size} bytes, over this registry's limit of {limit}",
+            )
 
     def _store_layer(self, group: LayerGroup) -> tuple[Layer, bool]:
         key = f"layers/{_key(FORMAT_VERSION, group.paths, self.settings.compression_level)}.json"
@@ -405,9 +451,14 @@ class ImageService:
         """Reuse the layer stored under `key`, or pack it with `write` (then True)."""
         cached = self.storage.get_document(key)
         if cached is not None:
-            layer = Layer.from_json(json.loads(cached))
-            if self.storage.locate_blob(layer.digest) is not None:
+            try:
+                layer: Layer | None = Layer.from_json(json.loads(cached))
+            except (ValueError, KeyError, TypeError):
+                layer = None
+            if layer is not None and self.storage.locate_blob(layer.digest) is not None:
                 self.events.cache_lookup("layer", True)
+                # Reused by a build in progress: gc must not take it now.
+                self.storage.mark_used(key, layer.digest)
                 return layer, False
         self.events.cache_lookup("layer", False)
         with self.storage.blob_writer() as writer:

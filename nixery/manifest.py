@@ -179,3 +179,18 @@ def media_type_of(data: bytes) -> str | None:
         return None
     media = value.get("mediaType") if isinstance(value, dict) else None
     return media if media in MANIFEST_TYPES else None
+
+
+def referenced_digests(data: bytes) -> list[str]:
+    """The digests a stored manifest or index points at (config, layers, manifests)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return []
+    if not isinstance(value, dict):
+        return []
+    entries = [value.get("config")] + list(value.get("layers") or [])
+    entries += list(value.get("manifests") or [])
+    return [
+        e["digest"] for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)
+    ]

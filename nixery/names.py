@@ -18,8 +18,15 @@ TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
 
-MAX_NAME_LENGTH = 255
+MAX_NAME_LENGTH = 255  # the spec's limit for registry host plus name; we apply it to the name
+MAX_TAG_LENGTH = 128  # also enforced by TAG_RE
+MAX_DIGEST_LENGTH = 256
+MAX_GIT_REF_LENGTH = 255
 DEFAULT_MAX_PACKAGES = 64
+
+# What git itself accepts in a ref name (git check-ref-format), minus a
+# leading '-', so a ref handed to git as an argument can never be an option.
+_GIT_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 
 SHELL_PACKAGES = ("bashInteractive", "coreutils", "moreutils", "nano")
 ALWAYS_INCLUDED = ("cacert", "iana-etc")
@@ -43,16 +50,41 @@ def validate_name(name: str) -> None:
 
 
 def validate_tag(tag: str) -> None:
-    if not TAG_RE.fullmatch(tag):
-        raise RegistryError(ErrorCode.TAG_INVALID, {"tag": tag[:128]})
+    if len(tag) > MAX_TAG_LENGTH or not TAG_RE.fullmatch(tag):
+        raise RegistryError(ErrorCode.TAG_INVALID, {"tag": tag[:MAX_TAG_LENGTH]})
 
 
 def validate_digest(digest: str) -> None:
     """Accept any digest the spec's grammar allows; only sha256 is stored."""
-    if len(digest) > 256 or not DIGEST_RE.fullmatch(digest):
-        raise RegistryError(ErrorCode.DIGEST_INVALID, {"digest": digest[:256]})
+    if len(digest) > MAX_DIGEST_LENGTH or not DIGEST_RE.fullmatch(digest):
+        raise RegistryError(ErrorCode.DIGEST_INVALID, {"digest": digest[:MAX_DIGEST_LENGTH]})
     if digest.startswith("sha256:") and not SHA256_RE.fullmatch(digest):
         raise RegistryError(ErrorCode.DIGEST_INVALID, {"digest": digest})
+
+
+def is_safe_git_ref(ref: str) -> bool:
+    """A branch, tag or commit name that git accepts and cannot take for an option."""
+    return (
+        0 < len(ref) <= MAX_GIT_REF_LENGTH
+        and ref.isascii()
+        and not ref.startswith(("-", "/"))
+        and not ref.endswith(("/", ".", ".lock"))
+        and ref != "@"
+        and not _GIT_REF_FORBIDDEN.search(ref)
+        and not any(part.startswith(".") or part.endswith(".lock") for part in ref.split("/"))
+    )
+
+
+def validate_git_ref(ref: str) -> str:
+    """Return `ref` if it is safe to hand to git as a ref; else TAG_INVALID.
+
+    Callers still pass refs after `--` or as `refs/...` where git allows it.
+    """
+    if not is_safe_git_ref(ref):
+        raise RegistryError(
+            ErrorCode.TAG_INVALID, {"ref": ref[:MAX_GIT_REF_LENGTH], "reason": "not a git ref"}
+        )
+    return ref
 
 
 def is_digest(reference: str) -> bool:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -182,16 +184,27 @@ class Nix:
         return self._run(["nix-store", "--version"], "running nix-store").stdout.strip()
 
     def realise(
-        self, packages: Sequence[ResolvedPackage], on_log: LogListener | None = None
+        self,
+        packages: Sequence[ResolvedPackage],
+        on_log: LogListener | None = None,
+        roots: str | None = None,
     ) -> list[str]:
-        """Build (or substitute) the packages' outputs; return their store paths."""
+        """Build (or substitute) the packages' outputs; return their store paths.
+
+        With `roots` (a directory from `temporary_roots`), the outputs get GC
+        roots there, so a concurrent garbage collection cannot delete them
+        before they are packed.
+        """
         if not packages:
             return []
+        add_root = ["--add-root", os.path.join(roots, "out")] if roots else []
         argv = [
-            "nix-store", "--realise", "--timeout", str(int(self.timeout)), *self._options(),
-            *sorted({p.installable for p in packages}),
+            "nix-store", "--realise", "--timeout", str(int(self.timeout)), *add_root,
+            *self._options(), *sorted({p.installable for p in packages}),
         ]  # fmt: skip
-        outs = self._run(argv, "building the image's packages", on_log=on_log).stdout.split()
+        printed = self._run(argv, "building the image's packages", on_log=on_log).stdout.split()
+        # With --add-root, nix-store prints the roots (symlinks to the outputs).
+        outs = [os.readlink(p) for p in printed] if roots else printed
         wanted = {p.out for p in packages}
         missing = wanted - set(outs)
         if missing:
@@ -236,6 +249,20 @@ class Nix:
         if not isinstance(locked, dict) or not isinstance(url, str):
             raise SourceUnavailable(f"nix flake metadata gave no locked reference for {ref}")
         return FlakeLock(url, locked)
+
+
+@contextmanager
+def temporary_roots() -> Iterator[str]:
+    """A directory for GC roots that live only as long as a build.
+
+    The cache keeps layer tarballs, not store paths, so store paths need a
+    root only between their build and the packing of their layers.
+    """
+    path = tempfile.mkdtemp(prefix="nixery-roots-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _tail(stderr: str) -> str:

@@ -1,9 +1,12 @@
 """The single place where Nixery starts subprocesses.
 
 Every command is an argv list (never a shell string), runs in its own process
-group so a timeout kills the whole tree, and fails with a typed error that
+group so a timeout stops the whole tree, and fails with a typed error that
 carries the argv, exit code and stderr. A caller may also receive stderr
-line by line while the command runs (Nix reports its progress there).
+line by line while the command runs (Nix reports its progress there). A
+timeout first sends SIGTERM and waits a little: Nix runs its builders in
+sessions of their own, out of reach of a group kill, and stops them itself
+when it is terminated.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 # After the process exits, how long its pipes may stay open (held by a
 # stray grandchild) before we stop reading them.
 DRAIN_TIMEOUT = 5.0
+TERM_GRACE = 5.0  # seconds between SIGTERM and SIGKILL on a timeout
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def run(
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        _stop_group(proc)
         proc.wait()
         _join(readers)
         raise CommandTimeout(argv, timeout or 0, "".join(err)) from None
@@ -118,8 +122,22 @@ def _join(threads: list[threading.Thread]) -> None:
         thread.join(DRAIN_TIMEOUT)
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the group, then SIGKILL whatever is left after `TERM_GRACE`."""
+    _signal_group(proc, signal.SIGTERM)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=TERM_GRACE)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    _signal_group(proc, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen[str], signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
     except ProcessLookupError:
         pass

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bottle import Bottle
 
 from nixery.activity import Activity, BuildEvents, Fanout
 from nixery.app import create_app
+from nixery.auth import make_access_control
 from nixery.config import Settings
 from nixery.health import Health, storage_writable
 from nixery.images import BuildSettings, ImageService
 from nixery.metrics import Metrics
 from nixery.nix import Nix
 from nixery.popularity import load_popularity
+from nixery.ratelimit import RateLimit
 from nixery.sources import Sources
 from nixery.storage import FilesystemStorage, Storage
 
@@ -49,6 +53,8 @@ def make_service(
         compression_level=settings.compression_level,
         platforms=settings.platforms,
         overlays=settings.overlays,
+        max_packages=settings.security.max_packages,
+        max_image_size=settings.security.max_image_size,
     )
     nix = make_nix(settings)
     return ImageService(
@@ -61,6 +67,20 @@ def make_service(
     )
 
 
+def make_plugins(settings: Settings) -> list[Any]:
+    """Rate limit first (cheapest), then access control."""
+    security = settings.security
+    plugins: list[Any] = []
+    if security.rate_limit > 0:
+        plugins.append(RateLimit(security.rate_limit, security.rate_burst))
+    access = make_access_control(
+        security.auth, security.read_only_cache, security.auth_key, security.token_realm
+    )
+    if access is not None:
+        plugins.append(access)
+    return plugins
+
+
 def build_app(settings: Settings) -> Bottle:
     storage = make_storage(settings)
     activity = Activity(storage)
@@ -68,4 +88,11 @@ def build_app(settings: Settings) -> Bottle:
     service = make_service(settings, Fanout(activity, metrics), storage)
     metrics.track(service.builds_in_progress, service.builds_queued)
     health = Health({"storage": storage_writable(storage), "nix": service.nix.version})
-    return create_app(service, storage, activity=activity, metrics=metrics, health=health)
+    return create_app(
+        service,
+        storage,
+        activity=activity,
+        metrics=metrics,
+        health=health,
+        plugins=make_plugins(settings),
+    )

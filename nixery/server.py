@@ -1,34 +1,160 @@
-"""Hosting the WSGI app with cheroot."""
+"""Hosting the WSGI app with cheroot.
+
+Slow or idle clients must not pin worker threads: a new connection waits in
+cheroot's selector until it sends its first byte (cheroot would hand it to
+a worker at once), a request head must arrive in full within
+`HEAD_TIMEOUT` seconds, and every socket operation times out after
+`SOCKET_TIMEOUT`. With TLS the handshake runs in the worker, not in
+cheroot's single accepting thread, where one silent client would stall
+every other. A TLS ClientHello sent to the plain port gets cheroot's
+`HTTP/1.1 400` answer, which Go clients need to fall back to plain HTTP.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
+import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from cheroot import errors as cheroot_errors
+from cheroot import server as cheroot_server
 from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 32
+SOCKET_TIMEOUT = 30
+HEAD_TIMEOUT = 10
+MAX_HEADER_SIZE = 64 * 1024
+MAX_BODY_SIZE = 1024 * 1024  # pull-only: no request needs a body
+
+
+class HeadDeadlines:
+    """Cuts off connections whose request head takes longer than `limit` seconds."""
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="head-deadlines", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def watch(self, sock: socket.socket) -> Iterator[None]:
+        with self._lock:
+            self._deadlines[sock] = time.monotonic() + self.limit
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deadlines.pop(sock, None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.limit / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, deadline in self._deadlines.items() if deadline < now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                try:
+                    # The plain socket's shutdown, also for TLS sockets: the
+                    # worker blocked reading it gets EOF and closes.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class _Request(cheroot_server.HTTPRequest):
+    def parse_request(self) -> None:
+        with self.server.head_deadlines.watch(self.conn.socket):
+            try:
+                super().parse_request()
+            except ssl.SSLError as exc:
+                # A failed (lazy) handshake: drop the connection quietly.
+                raise cheroot_errors.FatalSSLAlert(*exc.args) from exc
+
+
+class _Connection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = _Request
+
+
+class Server(wsgi.Server):
+    ConnectionClass = _Connection
+
+    def __init__(self, *args: Any, head_timeout: float = HEAD_TIMEOUT, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.head_deadlines = HeadDeadlines(head_timeout)
+
+    def process_conn(self, conn: cheroot_server.HTTPConnection) -> None:
+        # First sight of a connection: let it wait for data in the selector.
+        if not getattr(conn, "nixery_waited", False):
+            conn.nixery_waited = True  # type: ignore[attr-defined]
+            self._connections.put(conn)
+            return
+        super().process_conn(conn)
+
+    def stop(self) -> None:
+        self.head_deadlines.stop()
+        super().stop()
+
+
+class LazyHandshakeSSLAdapter(BuiltinSSLAdapter):
+    """cheroot's builtin adapter, with the handshake moved to the first read.
+
+    OpenSSL completes a server-side handshake inside the first read, which
+    runs in a worker thread bounded by the head deadline.
+    """
+
+    def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, str]]:
+        wrapped = self.context.wrap_socket(sock, do_handshake_on_connect=False, server_side=True)
+        return wrapped, {"wsgi.url_scheme": "https", "HTTPS": "on"}
 
 
 def make_server(
-    app: Callable[..., Any], host: str, port: int, threads: int = DEFAULT_THREADS
-) -> wsgi.Server:
-    # Slow or idle clients must not pin worker threads forever.
-    server = wsgi.Server((host, port), app, numthreads=threads, timeout=60, shutdown_timeout=5)
-    server.max_request_header_size = 64 * 1024
-    server.max_request_body_size = 1024 * 1024
+    app: Callable[..., Any],
+    host: str,
+    port: int,
+    threads: int = DEFAULT_THREADS,
+    tls: tuple[str, str] | None = None,
+    head_timeout: float = HEAD_TIMEOUT,
+) -> Server:
+    server = Server(
+        (host, port),
+        app,
+        numthreads=threads,
+        timeout=SOCKET_TIMEOUT,
+        shutdown_timeout=5,
+        head_timeout=head_timeout,
+    )
+    server.max_request_header_size = MAX_HEADER_SIZE
+    server.max_request_body_size = MAX_BODY_SIZE
+    if tls is not None:
+        server.ssl_adapter = LazyHandshakeSSLAdapter(*tls)
     return server
 
 
-def serve(app: Callable[..., Any], host: str, port: int, threads: int = DEFAULT_THREADS) -> None:
+def serve(
+    app: Callable[..., Any],
+    host: str,
+    port: int,
+    threads: int = DEFAULT_THREADS,
+    tls: tuple[str, str] | None = None,
+) -> None:
     """Serve until SIGINT or SIGTERM."""
-    server = make_server(app, host, port, threads)
+    server = make_server(app, host, port, threads, tls)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=server.stop, daemon=True).start()
@@ -36,5 +162,6 @@ def serve(app: Callable[..., Any], host: str, port: int, threads: int = DEFAULT_
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server.prepare()
-    log.info("serving on http://%s:%d", host, server.bind_addr[1])
+    scheme = "https" if tls else "http"
+    log.info("serving on %s://%s:%d", scheme, host, server.bind_addr[1])
     server.serve()

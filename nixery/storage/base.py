@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
@@ -40,6 +41,15 @@ class BlobLocation:
     size: int
     path: str | None = None
     url: str | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored blob (`name` is its digest) or document (`name` is its key)."""
+
+    name: str
+    mtime: float  # when it was written or last marked used
+    size: int
 
 
 class BlobWriter(ABC):
@@ -128,3 +138,28 @@ class Storage(ABC):
             return None
         with fh:
             return fh.read()
+
+    def mark_used(self, key: str | None = None, *digests: str) -> None:
+        """Note that a document and blobs are in use now, so gc keeps them.
+
+        Cheap and coarse (backends may skip recent marks); a no-op where
+        unsupported.
+        """
+        return None
+
+    # -- garbage collection (optional per backend) --------------------------
+
+    def list_blobs(self) -> Iterator[Entry]:
+        raise StorageError(f"{type(self).__name__} does not support garbage collection")
+
+    def list_documents(self, prefix: str) -> Iterator[Entry]:
+        raise StorageError(f"{type(self).__name__} does not support garbage collection")
+
+    def delete_blob(self, digest: str) -> None:
+        raise StorageError(f"{type(self).__name__} does not support garbage collection")
+
+    def delete_document(self, key: str) -> None:
+        raise StorageError(f"{type(self).__name__} does not support garbage collection")
+
+    def document_mtime(self, key: str) -> float | None:
+        raise StorageError(f"{type(self).__name__} does not support garbage collection")

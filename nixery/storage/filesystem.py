@@ -1,32 +1,68 @@
 """Blobs and documents in a local directory.
 
-Layout: `blobs/sha256/<hex>`, `documents/<key>`, `tmp/` for writes in
-progress. Every write goes to a temp file in the same file system, is
+Layout: `blobs/sha256/<hex>`, `documents/<key>`, `tmp/<writer>/` for writes
+in progress. Every write goes to a temp file in the same file system, is
 fsynced, then renamed into place, so a reader never sees half a file.
+
+Crash safety: each process writes in its own `tmp/<writer>/` directory and
+holds an exclusive lock on `tmp/<writer>.lock` while it lives; at start, the
+directories whose lock is free belonged to dead processes and are removed.
+A blob is hashed again the first time this process reads it (blobs it wrote
+itself excepted), and one that does not match its digest is deleted, so
+whatever a crash, a full disk or bit rot left behind is never served.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
+import logging
 import os
+import secrets
+import shutil
+import socket
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from nixery.singleflight import SingleFlight
 from nixery.storage.base import (
     BlobLocation,
     BlobWriter,
+    Entry,
     Storage,
     StorageError,
     validate_digest,
     validate_key,
 )
 
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+# Marking an entry used rewrites its mtime at most this often.
+MARK_INTERVAL = 600
+STALE_CLAIM = 3600  # a lock file never published is garbage after this
+_FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _storage_error(what: str, exc: OSError) -> StorageError:
+    if exc.errno in _FULL_DISK:
+        return StorageError(f"{what} failed: storage is full ({exc.strerror}); nothing was stored")
+    return StorageError(f"{what} failed: {exc}")
+
 
 class _FileBlobWriter(BlobWriter):
     def __init__(self, storage: FilesystemStorage):
         super().__init__()
         self._storage = storage
-        fd, name = tempfile.mkstemp(dir=storage.tmp_dir, prefix="blob-")
+        try:
+            fd, name = tempfile.mkstemp(dir=storage.tmp_dir, prefix="blob-")
+        except OSError as exc:
+            raise _storage_error("creating a blob", exc) from exc
         self._tmp: str | None = name
         self._fh = os.fdopen(fd, "wb")
 
@@ -35,7 +71,7 @@ class _FileBlobWriter(BlobWriter):
             self._fh.write(data)
         except OSError as exc:
             self.abort()
-            raise StorageError(f"writing blob failed: {exc}") from exc
+            raise _storage_error("writing a blob", exc) from exc
 
     def _commit(self, digest: str) -> None:
         assert self._tmp is not None, "blob writer already finished"
@@ -49,24 +85,80 @@ class _FileBlobWriter(BlobWriter):
             _fsync_dir(self._storage.blob_dir)
         except OSError as exc:
             self.abort()
-            raise StorageError(f"storing blob failed: {exc}") from exc
+            raise _storage_error("storing a blob", exc) from exc
+        self._storage.verified(digest)
 
     def abort(self) -> None:
         if not self._fh.closed:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass  # the flush of a full disk fails again; the file goes anyway
         if self._tmp is not None:
             Path(self._tmp).unlink(missing_ok=True)
             self._tmp = None
 
 
 class FilesystemStorage(Storage):
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], verify: bool = True):
         self.root = Path(root)
         self.blob_dir = self.root / "blobs" / "sha256"
         self.doc_dir = self.root / "documents"
-        self.tmp_dir = self.root / "tmp"
-        for d in (self.blob_dir, self.doc_dir, self.tmp_dir):
+        self.tmp_root = self.root / "tmp"
+        for d in (self.blob_dir, self.doc_dir, self.tmp_root):
             d.mkdir(parents=True, exist_ok=True)
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._verified_lock = threading.Lock()
+        self._verifying: SingleFlight[bool] = SingleFlight()
+        self.tmp_dir, self._lock_fd = self._claim_tmp_dir()
+        self.removed_tmp = self._remove_stale_tmp()
+
+    # -- temp files -------------------------------------------------------
+
+    def _claim_tmp_dir(self) -> tuple[Path, int]:
+        # The lock is taken under a name others ignore, then published, so no
+        # one ever sees this writer's lock file unlocked.
+        name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        claiming = self.tmp_root / f"{name}.lock.new"
+        fd = os.open(claiming, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(claiming, self.tmp_root / f"{name}.lock")
+        path = self.tmp_root / name
+        path.mkdir()
+        return path, fd
+
+    def _remove_stale_tmp(self) -> int:
+        """Remove what dead writers left in `tmp/`; return how many entries went."""
+        removed = 0
+        for entry in os.scandir(self.tmp_root):
+            path = Path(entry.path)
+            if entry.name.endswith(".lock"):
+                if path.with_suffix("") == self.tmp_dir or not _lock_is_free(path):
+                    continue
+                shutil.rmtree(path.with_suffix(""), ignore_errors=True)
+                path.unlink(missing_ok=True)
+            elif entry.name.endswith(".lock.new"):
+                if not _older_than(path, STALE_CLAIM):
+                    continue
+                path.unlink(missing_ok=True)
+            elif entry.is_dir(follow_symlinks=False):
+                if (self.tmp_root / f"{entry.name}.lock").exists():
+                    continue
+                shutil.rmtree(path, ignore_errors=True)  # its writer died before locking
+            else:
+                path.unlink(missing_ok=True)  # from a layout without writer dirs
+            removed += 1
+        if removed:
+            log.info("removed %d stale temporary entries from %s", removed, self.tmp_root)
+        return removed
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        (self.tmp_root / f"{self.tmp_dir.name}.lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+    # -- blobs ------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
         return self.blob_dir / validate_digest(digest)
@@ -74,19 +166,55 @@ class FilesystemStorage(Storage):
     def blob_writer(self) -> BlobWriter:
         return _FileBlobWriter(self)
 
+    def verified(self, digest: str) -> None:
+        with self._verified_lock:
+            self._verified.add(digest)
+
+    def _check(self, digest: str) -> bool:
+        """Whether the stored blob is intact; a corrupt one is deleted."""
+        if not self.verify:
+            return True
+        with self._verified_lock:
+            if digest in self._verified:
+                return True
+        return self._verifying.do(digest, lambda: self._hash_check(digest))
+
+    def _hash_check(self, digest: str) -> bool:
+        path = self.blob_path(digest)
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(HASH_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return False
+        if "sha256:" + h.hexdigest() != digest:
+            log.error("deleting blob %s: its content does not match its digest", digest)
+            path.unlink(missing_ok=True)
+            return False
+        self.verified(digest)
+        return True
+
     def locate_blob(self, digest: str) -> BlobLocation | None:
         path = self.blob_path(digest)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             return None
+        if not self._check(digest):
+            return None
         return BlobLocation(size=size, path=str(path))
 
     def open_blob(self, digest: str) -> BinaryIO | None:
+        path = self.blob_path(digest)
+        if not path.exists() or not self._check(digest):
+            return None
         try:
-            return open(self.blob_path(digest), "rb")
+            return open(path, "rb")
         except FileNotFoundError:
             return None
+
+    # -- documents --------------------------------------------------------
 
     def _doc_path(self, key: str) -> Path:
         return self.doc_dir / validate_key(key)
@@ -99,8 +227,11 @@ class FilesystemStorage(Storage):
 
     def put_document(self, key: str, data: bytes) -> None:
         path = self._doc_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="doc-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="doc-")
+        except OSError as exc:
+            raise _storage_error(f"storing {key}", exc) from exc
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -110,8 +241,79 @@ class FilesystemStorage(Storage):
             os.replace(tmp, path)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise StorageError(f"storing {key} failed: {exc}") from exc
+            raise _storage_error(f"storing {key}", exc) from exc
         _fsync_dir(path.parent)
+
+    # -- use marks and garbage collection ---------------------------------
+
+    def mark_used(self, key: str | None = None, *digests: str) -> None:
+        paths = [self._doc_path(key)] if key else []
+        paths += [self.blob_path(d) for d in digests]
+        now = time.time()
+        for path in paths:
+            try:
+                if path.stat().st_mtime < now - MARK_INTERVAL:
+                    os.utime(path)
+            except OSError:
+                pass  # gone or read-only: gc judges by the old time
+
+    def list_blobs(self) -> Iterator[Entry]:
+        for entry in os.scandir(self.blob_dir):
+            digest = "sha256:" + entry.name
+            try:
+                validate_digest(digest)
+                st = entry.stat(follow_symlinks=False)
+            except (ValueError, FileNotFoundError):
+                continue
+            yield Entry(digest, st.st_mtime, st.st_size)
+
+    def list_documents(self, prefix: str) -> Iterator[Entry]:
+        base = self._doc_path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return
+        for dirpath, _, files in os.walk(base):
+            for name in sorted(files):
+                path = Path(dirpath) / name
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                yield Entry(str(path.relative_to(self.doc_dir)), st.st_mtime, st.st_size)
+
+    def delete_blob(self, digest: str) -> None:
+        self.blob_path(digest).unlink(missing_ok=True)
+        with self._verified_lock:
+            self._verified.discard(digest)
+
+    def delete_document(self, key: str) -> None:
+        self._doc_path(key).unlink(missing_ok=True)
+
+    def document_mtime(self, key: str) -> float | None:
+        try:
+            return self._doc_path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return path.stat().st_mtime < time.time() - seconds
+    except FileNotFoundError:
+        return False
+
+
+def _lock_is_free(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,132 @@
+"""Garbage collection of the image cache (`nixery gc`).
+
+Roots are the image documents (`images/...`): each names the manifests of a
+built image and its layers. An image expires when it has been neither built
+nor served for `keep` seconds (serving marks it used, see
+`Storage.mark_used`). Collection is safe while servers run:
+
+1. Expired image documents become tombstones (`expired/images/...`). A
+   request that read the document just before still finds every blob it
+   names, because tombstones keep referencing their blobs for `grace`
+   seconds; a request after that builds the image again.
+2. Tombstones older than `grace` are dropped.
+3. Blobs referenced by no image document or tombstone are removed if they
+   were written or marked used more than `grace` seconds ago: builds in
+   progress write their blobs before their image document, and mark the
+   cached layers they reuse.
+4. Layer documents (a cache of packed layers, not roots) whose blob is gone
+   are removed.
+
+So the blobs of an expired image are freed by the first run at least
+`grace` seconds after it expired.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from nixery.images import BuiltImage, Layer
+from nixery.manifest import referenced_digests
+from nixery.storage import Storage
+
+log = logging.getLogger(__name__)
+
+IMAGES = "images/"
+EXPIRED = "expired/"
+LAYERS = "layers/"
+
+
+@dataclass
+class GcReport:
+    expired_images: list[str] = field(default_factory=list)
+    dropped_tombstones: list[str] = field(default_factory=list)
+    removed_blobs: list[str] = field(default_factory=list)
+    removed_layer_documents: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept_blobs: int = 0
+    kept_bytes: int = 0
+
+    def summary(self, dry_run: bool) -> str:
+        verb = "would remove" if dry_run else "removed"
+        return (
+            f"{verb} {len(self.removed_blobs)} blobs ({self.freed_bytes} bytes), "
+            f"expired {len(self.expired_images)} images, "
+            f"dropped {len(self.dropped_tombstones)} tombstones and "
+            f"{len(self.removed_layer_documents)} layer documents; "
+            f"kept {self.kept_blobs} blobs ({self.kept_bytes} bytes)"
+        )
+
+
+def image_references(storage: Storage, data: bytes) -> set[str]:
+    """Every blob an image document needs: manifests, their configs, layers."""
+    try:
+        image = BuiltImage.from_json(json.loads(data))
+    except (ValueError, KeyError, TypeError):
+        return set()
+    digests = {d.digest for d in image.manifests.values()}
+    digests |= {layer.digest for layer in image.layers}
+    for descriptor in image.manifests.values():
+        digests.update(referenced_digests(storage.read_blob(descriptor.digest) or b""))
+    return digests
+
+
+def collect(
+    storage: Storage,
+    keep: float,
+    grace: float,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> GcReport:
+    now = time.time() if now is None else now
+    report = GcReport()
+    referenced: set[str] = set()
+
+    for entry in list(storage.list_documents(IMAGES)):
+        data = storage.get_document(entry.name)
+        if data is None:
+            continue
+        referenced |= image_references(storage, data)  # kept, or a tombstone now
+        if entry.mtime >= now - keep:
+            continue
+        report.expired_images.append(entry.name)
+        if not dry_run and storage.document_mtime(entry.name) == entry.mtime:
+            storage.put_document(EXPIRED + entry.name, data)
+            storage.delete_document(entry.name)
+
+    for entry in list(storage.list_documents(EXPIRED)):
+        if entry.mtime >= now - grace:
+            referenced |= image_references(storage, storage.get_document(entry.name) or b"")
+            continue
+        report.dropped_tombstones.append(entry.name)
+        if not dry_run:
+            storage.delete_document(entry.name)
+
+    present: set[str] = set()
+    for blob in list(storage.list_blobs()):
+        present.add(blob.name)
+        if blob.name in referenced or blob.mtime >= now - grace:
+            report.kept_blobs += 1
+            report.kept_bytes += blob.size
+            continue
+        report.removed_blobs.append(blob.name)
+        report.freed_bytes += blob.size
+        if not dry_run:
+            storage.delete_blob(blob.name)
+
+    present -= set(report.removed_blobs)
+    for entry in list(storage.list_documents(LAYERS)):
+        data = storage.get_document(entry.name)
+        try:
+            digest = Layer.from_json(json.loads(data or b"")).digest
+        except (ValueError, KeyError, TypeError):
+            digest = None
+        if digest not in present:
+            report.removed_layer_documents.append(entry.name)
+            if not dry_run:
+                storage.delete_document(entry.name)
+
+    log.info("gc: %s", report.summary(dry_run))
+    return report
