@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THREADS = 32
 SOCKET_TIMEOUT = 30
 HEAD_TIMEOUT = 10
+LISTEN_BACKLOG = 1024  # cheroot's default of 5 drops bursts of new connections
 MAX_HEADER_SIZE = 64 * 1024
 MAX_BODY_SIZE = 1024 * 1024  # pull-only: no request needs a body
 
@@ -83,8 +84,25 @@ class _Request(cheroot_server.HTTPRequest):
             try:
                 super().parse_request()
             except ssl.SSLError as exc:
-                # A failed (lazy) handshake: drop the connection quietly.
+                # A failed (lazy) handshake: answer plain HTTP in plain HTTP,
+                # drop anything else quietly.
+                if exc.reason == "HTTP_REQUEST":
+                    _send_plain(self.conn.socket, PLAIN_HTTP_ON_TLS)
                 raise cheroot_errors.FatalSSLAlert(*exc.args) from exc
+
+
+_PLAIN_BODY = b"This port speaks HTTPS, not HTTP.\n"
+PLAIN_HTTP_ON_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_PLAIN_BODY), _PLAIN_BODY)
+)
+
+
+def _send_plain(sock: socket.socket, data: bytes) -> None:
+    try:
+        socket.socket.sendall(sock, data)  # around the TLS layer
+    except OSError:
+        pass
 
 
 class _Connection(cheroot_server.HTTPConnection):
@@ -137,6 +155,7 @@ def make_server(
         numthreads=threads,
         timeout=SOCKET_TIMEOUT,
         shutdown_timeout=5,
+        request_queue_size=LISTEN_BACKLOG,
         head_timeout=head_timeout,
     )
     server.max_request_header_size = MAX_HEADER_SIZE

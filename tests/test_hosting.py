@@ -1,0 +1,159 @@
+"""The HTTP server under abuse: TLS, idle and slow clients, oversized requests, rate limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nixery.ratelimit import TokenBuckets
+from tests.attack import launch_server, raw_request, self_signed_certificate
+from tests.clients import run
+from tests.conftest import Server, StartServer, require
+from tests.http import call
+
+pytestmark = pytest.mark.e2e
+
+
+def client_hello(host: str) -> bytes:
+    """The first bytes a TLS client sends (what Go clients probe a registry with)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def test_tls_client_hello_on_plain_port_gets_http_400(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", int(server.host.split(":")[1])), 10) as sock:
+        sock.sendall(client_hello("127.0.0.1"))
+        reply = sock.recv(64)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply
+    assert call(server.host, "GET", "/v2/").status == 200
+
+
+def test_tls_serves_pulls_and_survives_silent_handshakes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    require("skopeo")
+    base = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed_certificate(base)
+    server = launch_server(base, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        # Silent clients never finish a handshake; they must not stall the others.
+        silent = [socket.create_connection(("127.0.0.1", port(server))) for _ in range(50)]
+        assert raw_request(server.host, b"/v2/", tls=ctx, timeout=30).status == 200
+        plain = raw_request(server.host, b"/v2/", timeout=30)
+        assert plain.status == 400 and b"HTTPS" in plain.body  # plain HTTP is never served
+        certs = base / "certs.d"
+        certs.mkdir()
+        (certs / "ca.crt").write_bytes(cert.read_bytes())
+        inspect = run(["skopeo", "inspect", "--cert-dir", str(certs),
+                       f"docker://{server.host}/hello"])  # fmt: skip
+        assert json.loads(inspect.stdout)["Layers"]
+        for sock in silent:
+            sock.close()
+    finally:
+        server.stop()
+
+
+def port(server: Server) -> int:
+    return int(server.host.rsplit(":", 1)[1])
+
+
+def test_idle_and_slow_clients_do_not_hold_all_workers(server: Server) -> None:
+    """300 idle connections and 40 slow-loris heads (more than the 32 worker threads)."""
+    idle = [socket.create_connection(("127.0.0.1", port(server))) for _ in range(300)]
+    slow = []
+    for _ in range(40):
+        sock = socket.create_connection(("127.0.0.1", port(server)))
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
+        slow.append(sock)
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(1):
+            for sock in slow:
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        # Without the head deadline this waits for as long as the drip goes on.
+        assert call(server.host, "GET", "/v2/", timeout=60).status == 200
+    finally:
+        stop.set()
+        dripper.join()
+        for sock in idle + slow:
+            sock.close()
+    assert call(server.host, "GET", "/v2/").status == 200
+
+
+def test_oversized_requests_are_refused(server: Server) -> None:
+    long_target = b"/v2/" + b"a" * 70_000 + b"/manifests/latest"
+    assert raw_request(server.host, long_target).status in (400, 414)
+    big_header = b"X-Big: " + b"x" * 70_000 + b"\r\n"
+    assert raw_request(server.host, b"/v2/", headers=big_header).status in (400, 413, 431)
+    body = b"x" * (2 * 1024 * 1024)
+    with socket.create_connection(("127.0.0.1", port(server)), timeout=30) as sock:
+        sock.sendall(
+            b"PUT /v2/hello/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        try:
+            sock.sendall(body)
+        except OSError:
+            pass
+        reply = sock.recv(64)
+    assert reply.split(b" ")[1] in (b"405", b"413"), reply
+    assert call(server.host, "GET", "/v2/").status == 200
+
+
+def test_rate_limit_answers_429_with_retry_after(start_server: StartServer) -> None:
+    server = start_server("--rate-limit", "2", "--rate-burst", "5")
+    # The fixture's readiness probe spent one request of the burst.
+    statuses = [call(server.host, "GET", "/v2/").status for _ in range(8)]
+    assert statuses[:4] == [200] * 4 and 429 in statuses[4:]
+    reply = call(server.host, "GET", "/v2/")
+    assert reply.status == 429 and reply.error_codes() == ["TOOMANYREQUESTS"]
+    assert 1 <= int(reply.header("Retry-After")) <= 2
+    # X-Forwarded-For is the client's say-so; it must not open a new bucket.
+    forged = call(server.host, "GET", "/v2/", {"X-Forwarded-For": "10.9.8.7"})
+    assert forged.status == 429
+    time.sleep(int(reply.header("Retry-After")))
+    assert call(server.host, "GET", "/v2/").status == 200
+
+
+def test_token_buckets_refill_and_forget() -> None:
+    now = [0.0]
+    buckets = TokenBuckets(rate=1, burst=3, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(3)] == [0, 0, 0]
+    assert buckets.take("a") == pytest.approx(1.0)
+    assert buckets.take("b") == 0  # each client has its own bucket
+    now[0] = 1.5
+    assert buckets.take("a") == 0
+
+
+def test_unknown_tls_files_are_a_clear_startup_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nixery", "serve", "--storage-path", str(tmp_path), "--tls-cert", str(tmp_path / "c"),
+         "--tls-key", str(tmp_path / "k"), "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "TLS file" in proc.stderr
