@@ -101,12 +101,12 @@ def processes_mentioning(needle: str) -> list[tuple[int, str]]:
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = Path(entry.path, "cmdline").read_bytes()
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ")
             environ = Path(entry.path, "environ").read_bytes()
         except OSError:
             continue
         if needle.encode() in cmdline or needle.encode() in environ:
-            found.append((int(entry.name), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+            found.append((int(entry.name), cmdline.decode(errors="replace")))
     return found
 
 

@@ -152,8 +152,8 @@ def test_token_buckets_refill_and_forget() -> None:
 
 def test_unknown_tls_files_are_a_clear_startup_error(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "nixery", "serve", "--storage-path", str(tmp_path), "--tls-cert", str(tmp_path / "c"),
-         "--tls-key", str(tmp_path / "k"), "--port", "0"],
+        [sys.executable, "-m", "nixery", "serve", "--storage-path", str(tmp_path),
+         "--tls-cert", str(tmp_path / "c"), "--tls-key", str(tmp_path / "k"), "--port", "0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode != 0 and "TLS file" in proc.stderr
