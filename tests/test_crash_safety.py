@@ -90,6 +90,7 @@ def test_temp_files_of_dead_writers_are_removed_at_start(tmp_path: Path) -> None
         (tmp_path / "tmp" / "blob-from-an-old-layout").write_bytes(b"x")
         assert len(tmp_files(tmp_path)) == 3
         storage = FilesystemStorage(tmp_path)
+        assert storage.cleaned.wait(60)
         # Only the live writer's half-written blob is left.
         left = tmp_files(tmp_path)
         assert len(left) == 1 and str(alive.pid) in left[0].parent.name
@@ -199,8 +200,11 @@ def test_sigkill_during_builds_leaves_only_complete_entries(
         server.process.wait()
         assert_consistent(storage)
 
-    # Restart: stale temp files are gone, everything is rebuilt as needed and pulls.
+    # Restart: stale temp files go, everything is rebuilt as needed and pulls.
     server = serve(start_server, storage)
+    deadline = time.monotonic() + 60
+    while tmp_files(storage) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert tmp_files(storage) == []
     for image in images:
         skopeo_copy(server.host, image, tmp_path / f"oci-{image}")  # skopeo checks digests

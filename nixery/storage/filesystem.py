@@ -6,7 +6,8 @@ fsynced, then renamed into place, so a reader never sees half a file.
 
 Crash safety: each process writes in its own `tmp/<writer>/` directory and
 holds an exclusive lock on `tmp/<writer>.lock` while it lives; at start, the
-directories whose lock is free belonged to dead processes and are removed.
+directories whose lock is free belonged to dead processes and are removed
+(in the background: nothing in `tmp/` is ever served).
 A blob is hashed again the first time this process reads it (blobs it wrote
 itself excepted), and one that does not match its digest is deleted, so
 whatever a crash, a full disk or bit rot left behind is never served.
@@ -112,7 +113,11 @@ class FilesystemStorage(Storage):
         self._verified_lock = threading.Lock()
         self._verifying: SingleFlight[bool] = SingleFlight()
         self.tmp_dir, self._lock_fd = self._claim_tmp_dir()
-        self.removed_tmp = self._remove_stale_tmp()
+        # Removing a crash's leftovers can take long on a slow disk, and
+        # nothing in tmp/ is ever served: do it without delaying the start.
+        self.removed_tmp = 0
+        self.cleaned = threading.Event()
+        threading.Thread(target=self._clean_tmp, name="tmp-cleanup", daemon=True).start()
 
     # -- temp files -------------------------------------------------------
 
@@ -128,10 +133,18 @@ class FilesystemStorage(Storage):
         path.mkdir()
         return path, fd
 
+    def _clean_tmp(self) -> None:
+        try:
+            self.removed_tmp = self._remove_stale_tmp()
+        except OSError as exc:
+            log.error("cleaning %s failed: %s", self.tmp_root, exc)
+        finally:
+            self.cleaned.set()
+
     def _remove_stale_tmp(self) -> int:
         """Remove what dead writers left in `tmp/`; return how many entries went."""
         removed = 0
-        for entry in os.scandir(self.tmp_root):
+        for entry in sorted(os.scandir(self.tmp_root), key=lambda e: not e.name.endswith(".lock")):
             path = Path(entry.path)
             if entry.name.endswith(".lock"):
                 if path.with_suffix("") == self.tmp_dir or not _lock_is_free(path):
@@ -143,7 +156,8 @@ class FilesystemStorage(Storage):
                     continue
                 path.unlink(missing_ok=True)
             elif entry.is_dir(follow_symlinks=False):
-                if (self.tmp_root / f"{entry.name}.lock").exists():
+                # Gone with its lock above, or still locked by a live writer.
+                if not path.exists() or (self.tmp_root / f"{entry.name}.lock").exists():
                     continue
                 shutil.rmtree(path, ignore_errors=True)  # its writer died before locking
             else:
