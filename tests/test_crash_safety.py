@@ -135,6 +135,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.e2e  # mounts a file system: needs root on the real machine
 def test_full_disk_is_a_clear_error_and_leaves_nothing(small_disk: Path) -> None:
     storage = FilesystemStorage(small_disk)
     small = storage.put_blob(b"fits")

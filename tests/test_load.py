@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.load import discover, run_load
 from tests.conftest import Server
 from tests.http import call
 
@@ -12,6 +11,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_concurrent_pulls_of_cached_images_all_succeed(server: Server) -> None:
+    from benchmarks.load import discover, run_load  # not shipped with the package's tests
+
     images = discover(server.host, ["hello", "jq"])
     result = run_load(server.host, images, clients=64, pulls=3, processes=2)
     assert result.errors == []

@@ -60,7 +60,12 @@ python3Packages.buildPythonApplication {
     ])
   ];
 
-  nativeCheckInputs = [ python3Packages.pytestCheckHook ] ++ map fromPyPI testRequirements;
+  # git: the unit tests compare the ref validator with `git check-ref-format`.
+  nativeCheckInputs = [
+    python3Packages.pytestCheckHook
+    git
+  ]
+  ++ map fromPyPI testRequirements;
   # The unit tests: the `nix` and `e2e` ones need Nix, the fixture package set
   # built from the host's files, and real registry clients.
   pytestFlagsArray = [
