@@ -55,10 +55,17 @@ class SecuritySettings:
         for path in (cert, key):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"TLS file {path} does not exist")
+        auth = options.get("auth") or None
+        if auth:
+            kind, _, path = auth.partition(":")
+            if kind not in ("htpasswd", "token") or not path:
+                raise ConfigError(f"--auth must be htpasswd:FILE or token:FILE, got {auth!r}")
+            if not os.path.isfile(path):
+                raise ConfigError(f"htpasswd file {path} does not exist")
         return SecuritySettings(
             max_packages=int(options.get("max_packages") or 64),
             max_image_size=parse_size(options.get("max_image_size")),
-            auth=options.get("auth") or None,
+            auth=auth,
             auth_key=options.get("auth_key") or None,
             token_realm=options.get("token_realm") or None,
             read_only_cache=bool(options.get("read_only_cache")),

@@ -158,7 +158,7 @@ def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[P
 def launch_server(
     base: Path, *args: str, env: dict[str, str] | None = None, storage: Path | None = None
 ):  # type: ignore[no-untyped-def]
-    """Start `nixery serve` like the `start_server` fixture (for module-scoped servers)."""
+    """Start `nixery serve` like the `start_server` fixture, also with TLS."""
     import sys
 
     from tests.conftest import FIXTURE_PKGS, Server, free_port, wait_for
@@ -169,7 +169,8 @@ def launch_server(
     log = base / f"server-{port}.log"
     argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--storage-path", str(storage), *args]  # fmt: skip
-    if "--pkgs-path" not in args:
+    sources = ("--pkgs-path", "--default-pkgs-path", "--channel", "--pkgs-repo", "--flake")
+    if not any(a in args for a in sources):
         argv += ["--pkgs-path", str(FIXTURE_PKGS)]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(

@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nixery.names import NAME_RE, TAG_RE
-from tests.attack import STORE_PATH, launch_server, make_tracing_path, raw_request, read_trace
-from tests.conftest import Server
+from tests.attack import STORE_PATH, make_tracing_path, raw_request, read_trace
+from tests.conftest import Server, StartServer
+from tests.sourcefixtures import make_pkgs_repo
 
 pytestmark = pytest.mark.e2e
 
@@ -112,17 +113,20 @@ def corpus() -> list[tuple[str, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+def traced(
+    start_module_server: StartServer, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Server, Path]:
     base = tmp_path_factory.mktemp("hostile")
     log = base / "trace.jsonl"
-    path = make_tracing_path(base / "bin", log)
-    server = launch_server(base, env={"PATH": path})
-    yield server, log
-    server.stop()
+    server = start_module_server(env={"PATH": make_tracing_path(base / "bin", log)})
+    return server, log
 
 
-def assert_served_as_data(trace: list[dict]) -> None:
-    """Nix saw request data only as attribute names inside its JSON args file."""
+def assert_served_as_data(trace: list[dict], own_dirs: tuple[str, ...] = ()) -> None:
+    """Nix saw request data only as attribute names inside its JSON args file.
+
+    `own_dirs`: directories of the server's own (GC roots of package sources).
+    """
     assert trace, "the traced tools were never called"
     for call in trace:
         argv = call["argv"]
@@ -143,6 +147,7 @@ def assert_served_as_data(trace: list[dict]) -> None:
                     or arg.isdigit()
                     or STORE_PATH.fullmatch(plain)
                     or re.fullmatch(r"/[\w/.-]*/nixery-roots-\w+/out", arg)
+                    or arg.startswith(own_dirs)
                 ), (arg, argv)
         else:
             raise AssertionError(f"unexpected tool call {call}")
@@ -266,3 +271,41 @@ def test_router_answers_4xx(
         and (listing.group(1) is None or NAME_RE.fullmatch(listing.group(1)) is not None)
     )
     assert 400 <= reply.status < 500 or succeeds, (target, reply.status, reply.body[:200])
+
+
+# -- a git source: tags are where refs come from ----------------------------------------
+
+GIT_FLAGS = {"--git-dir", "--quiet", "--bare", "--prune", "--no-tags", "--format=tar", "-o",
+             "-e", "init", "fetch", "ls-remote", "archive", "cat-file", "HEAD"}  # fmt: skip
+
+
+def test_hostile_tags_never_reach_git(start_server: StartServer, tmp_path: Path) -> None:
+    repo = make_pkgs_repo(tmp_path / "pkgs")
+    log = tmp_path / "trace.jsonl"
+    cache = tmp_path / "cache"
+    server = start_server(
+        "--pkgs-repo", repo.url, "--source-cache", str(cache),
+        env={"PATH": make_tracing_path(tmp_path / "bin", log)},
+    )  # fmt: skip
+    failures = []
+    for payload in PAYLOADS:
+        for encoded in targets(payload):
+            reply = raw_request(server.host, b"/v2/hello/manifests/" + encoded)
+            if not 400 <= reply.status < 500:
+                failures.append((encoded[:80], reply.status, reply.body[:200]))
+    assert not failures, failures[:20]
+    assert raw_request(server.host, b"/v2/hello/manifests/v1").status == 200
+    calls = [c for c in read_trace(log) if c["tool"] == "git"]
+    assert calls
+    for call in calls:
+        for arg in call["argv"]:
+            assert (
+                arg in GIT_FLAGS
+                or arg == repo.url
+                or arg.startswith(str(cache))
+                or re.fullmatch(r"[0-9a-f]{40}(\^\{commit\})?", arg)
+                or re.fullmatch(r"\+?refs/(heads|tags)/\*(:refs/(heads|tags)/\*)?", arg)
+                or re.fullmatch(r"--prefix=[\w.-]+/", arg)
+                or re.fullmatch(r"/[\w/.-]+\.tar", arg)
+            ), (arg, call["argv"])
+    assert_served_as_data([c for c in read_trace(log) if c["tool"] != "git"], (str(cache),))
