@@ -120,7 +120,7 @@ class Server(wsgi.Server):
         # First sight of a connection: let it wait for data in the selector.
         if not getattr(conn, "nixery_waited", False):
             conn.nixery_waited = True  # type: ignore[attr-defined]
-            self._connections.put(conn)
+            self._connections.put(conn)  # type: ignore[attr-defined]
             return
         super().process_conn(conn)
 
