@@ -84,7 +84,7 @@ def test_basic_auth_refuses_anonymous_and_wrong_passwords(
     start_server: StartServer, htpasswd: Path
 ) -> None:
     server = start_server("--auth", f"htpasswd:{htpasswd}")
-    for path in ("/v2/", "/v2/hello/manifests/latest", "/v2/nope/manifests/latest", "/x",
+    for path in ("/v2/", "/v2/hello/manifests/latest", "/v2/nope/manifests/latest", "/", "/builds", "/metrics",
                  "/v2/hello/blobs/sha256:" + "0" * 64, "/v2/hello/tags/list"):  # fmt: skip
         reply = call(server.host, "GET", path)
         assert_unauthorized(reply)
@@ -93,6 +93,8 @@ def test_basic_auth_refuses_anonymous_and_wrong_passwords(
                     {"Authorization": "Bearer x"}):  # fmt: skip
         assert_unauthorized(call(server.host, "GET", "/v2/", headers))
     assert call(server.host, "GET", "/v2/", basic()).status == 200
+    assert call(server.host, "GET", "/", basic()).status == 200
+    assert call(server.host, "GET", "/healthz").status == 200  # probes have no credentials
     # Nothing was built for the refused requests.
     assert "built " not in server.log_text()
 
@@ -235,7 +237,8 @@ def test_read_only_cache_serves_only_built_images(
     assert read_trace(trace) == []
     # Anonymous clients see no unknown-package lists, no front page, no other route.
     assert_unauthorized(call(server.host, "GET", "/v2/nope/manifests/latest", bearer(anonymous)))
-    assert_unauthorized(call(server.host, "GET", "/index.html"))
+    for page in ("/", "/builds", "/builds.json", "/packages/hello", "/metrics"):
+        assert_unauthorized(call(server.host, "GET", page))  # the front page names packages
     assert_unauthorized(call(server.host, "DELETE", "/v2/hello/manifests/latest"))
     run(["skopeo", "inspect", "--tls-verify=false", "--creds", CREDS,
          f"docker://{server.host}/jq"])  # fmt: skip
