@@ -84,8 +84,9 @@ def test_basic_auth_refuses_anonymous_and_wrong_passwords(
     start_server: StartServer, htpasswd: Path
 ) -> None:
     server = start_server("--auth", f"htpasswd:{htpasswd}")
-    for path in ("/v2/", "/v2/hello/manifests/latest", "/v2/nope/manifests/latest", "/", "/builds", "/metrics",
-                 "/v2/hello/blobs/sha256:" + "0" * 64, "/v2/hello/tags/list"):  # fmt: skip
+    for path in ("/v2/", "/v2/hello/manifests/latest", "/v2/nope/manifests/latest", "/",
+                 "/builds", "/metrics", "/v2/hello/blobs/sha256:" + "0" * 64,
+                 "/v2/hello/tags/list"):  # fmt: skip
         reply = call(server.host, "GET", path)
         assert_unauthorized(reply)
         assert challenge(reply) == ("Basic", {"realm": "nixery", "charset": "UTF-8"})

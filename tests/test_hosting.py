@@ -157,3 +157,38 @@ def test_unknown_tls_files_are_a_clear_startup_error(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode != 0 and "TLS file" in proc.stderr
+
+
+def test_image_size_and_package_count_limits(start_server: StartServer) -> None:
+    overlay = Path(__file__).parent / "fixtures" / "robustness" / "overlay.nix"
+    server = start_server(
+        "--overlay", str(overlay), "--max-image-size", "12M", "--max-packages", "3"
+    )
+    big = call(server.host, "GET", "/v2/big20/manifests/latest")
+    assert big.status == 403 and big.error_codes() == ["DENIED"]
+    detail = big.json()["errors"][0]["detail"]
+    assert detail["max_image_size"] == 12 << 20 and detail["closure_size"] > 20 << 20
+    assert not any((server.storage / "blobs" / "sha256").iterdir())  # nothing was packed
+    assert call(server.host, "GET", "/v2/hello/manifests/latest").status == 200
+    many = call(server.host, "GET", "/v2/hello/jq/xz/zstd/manifests/latest")
+    assert many.status == 400 and many.error_codes() == ["NAME_INVALID"]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("0", None), ("", None), ("1024", 1024), ("500M", 500 << 20), ("2G", 2 << 30),
+     ("1.5GiB", 3 << 29), ("64kb", 64 << 10)],
+)  # fmt: skip
+def test_sizes(text: str, size: int | None) -> None:
+    from nixery.config import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["big", "-5M", "M", "1X"])
+def test_bad_sizes(text: str) -> None:
+    from nixery.config import parse_size
+    from nixery.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        parse_size(text)
