@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -57,6 +58,7 @@ TOKEN_PATH = "/token"
 PULL_METHODS = ("GET", "HEAD")
 VERIFIED_TTL = 300  # seconds a checked password is remembered (bcrypt is slow by design)
 MAX_SCOPES = 16
+HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -260,8 +262,13 @@ class TokenAuth(Authenticator):
     def realm(self, req: Request) -> str:
         if self.realm_url:
             return self.realm_url
-        parts = req.urlparts
-        return f"{parts.scheme}://{parts.netloc}{TOKEN_PATH}"
+        # Host and scheme of this connection; not X-Forwarded-*, which any
+        # client can send (behind a proxy, set --token-realm).
+        scheme = req.environ.get("wsgi.url_scheme", "http")
+        host = req.environ.get("HTTP_HOST", "")
+        if not HOST_RE.fullmatch(host):
+            host = f"{req.environ.get('SERVER_NAME', 'localhost')}:{req.environ.get('SERVER_PORT')}"
+        return f"{scheme}://{host}{TOKEN_PATH}"
 
     def identify(self, req: Request) -> Identity:
         header = req.get_header("Authorization", "")

@@ -135,6 +135,9 @@ def test_token_flow_challenges_and_scopes(token_server: Server, tmp_path: Path) 
     assert params == {"realm": f"http://{server.host}/token", "service": "nixery"}
     scheme, params = challenge(call(server.host, "GET", "/v2/hello/manifests/latest"))
     assert params["scope"] == "repository:hello:pull"
+    # Clients choose X-Forwarded-*: they must not move the realm elsewhere.
+    forwarded = {"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
+    assert challenge(call(server.host, "GET", "/v2/", forwarded))[1]["realm"] == params["realm"]
 
     assert_unauthorized(get_token(server, "repository:hello:pull"))  # anonymous
     assert_unauthorized(get_token(server, "repository:hello:pull", headers=basic("x", "y")))

@@ -185,7 +185,7 @@ def test_store_paths_have_roots_only_while_an_image_is_built(tmp_path: Path) -> 
     nix = Nix(timeout=120)
     packages = nix.resolve(NixSource("path", str(FIXTURE_PKGS)), "x86_64-linux", ["hello"])
     with temporary_roots() as roots:
-        outs = nix.realise(packages, roots)
+        outs = nix.realise(packages, roots=roots)
         held = roots_under(roots)
         assert held and all(line.endswith(outs[0]) for line in held)
     assert roots_under(roots) == []

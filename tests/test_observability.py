@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -198,7 +198,7 @@ def test_healthz_fails_without_nix_or_writable_storage(start_server: StartServer
 
     broken = start_server()
     tmp = broken.storage / "tmp"
-    os.rmdir(tmp)
+    shutil.rmtree(tmp)  # with the writer's own directory in it
     tmp.write_text("not a directory")  # every write goes through tmp/
     reply = call(broken.host, "GET", "/healthz")
     assert reply.status == 503
