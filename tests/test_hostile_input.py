@@ -90,6 +90,7 @@ POSITIONS = {
     "blob-name": "/v2/{}/blobs/" + ZERO,
     "digest": "/v2/hello/blobs/{}",
     "tags-name": "/v2/{}/tags/list",
+    "package-page": "/packages/{}",
 }
 
 RESOLVE_ARGV = re.compile(r"--eval --strict --json --read-write-mode (?:--option \S+ \S+ )*")
@@ -156,10 +157,11 @@ def assert_served_as_data(trace: list[dict], own_dirs: tuple[str, ...] = ()) -> 
 
 def accepted(position: str, target: bytes) -> bool:
     """The few payloads that are fine: a raw '?' leaves only the base endpoint,
-    and a name valid in the grammar may list its tags (nothing runs for it)."""
+    a name valid in the grammar may list its tags (nothing runs for it), and
+    the front page's package view answers a page."""
     path = urllib.parse.unquote_to_bytes(target.split(b"?", 1)[0])
-    if path == b"/v2/":
-        return True
+    if path == b"/v2/" or position == "package-page":
+        return True  # the front page describes any valid-looking name
     listing = re.fullmatch(rb"/v2/(.+)/tags/list", path)
     return (
         position == "tags-name"
