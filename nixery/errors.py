@@ -7,6 +7,7 @@ codes. Nothing else decides statuses.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -53,11 +54,18 @@ class NixeryError(Exception):
 class RegistryError(NixeryError):
     """An error that has a place in the registry protocol."""
 
-    def __init__(self, code: ErrorCode, detail: Any = None, message: str | None = None):
+    def __init__(
+        self,
+        code: ErrorCode,
+        detail: Any = None,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message or code.message)
         self.code = code
         self.detail = detail
         self.message = message or code.message
+        self.headers = dict(headers or {})  # e.g. Retry-After
 
     def to_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"code": self.code.name, "message": self.message}
@@ -110,3 +118,12 @@ class BuildFailed(NixeryError):
 
 class SourceUnavailable(NixeryError):
     """The package source could not be reached or read (git, HTTP, flake lock)."""
+
+
+class QueueFull(NixeryError):
+    """Too many different computations are already running or waiting."""
+
+    def __init__(self, running: int, waiting: int):
+        super().__init__(f"{running} running and {waiting} waiting; no room for more")
+        self.running = running
+        self.waiting = waiting

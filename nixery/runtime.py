@@ -49,6 +49,10 @@ def make_service(
         compression_level=settings.compression_level,
         platforms=settings.platforms,
         overlays=settings.overlays,
+        compression=settings.compression,
+        zstd_level=settings.zstd_level,
+        max_builds=settings.max_builds,
+        max_queue=settings.max_queue,
     )
     nix = make_nix(settings)
     return ImageService(
