@@ -163,7 +163,8 @@ def main() -> None:
     )  # fmt: skip
     print("\nTarget: at least 10x the baseline (wall clock). 'x baseline' is the median over")
     print("rounds of each round's ratio; 'MB per CPU-s' counts the CPU time of every thread")
-    print("(the baseline's: tar and gzip). 'out/in' of the zstd row counts both stored blobs.")
+    print("(the baseline's: tar and gzip); for the cold build rows it is the whole build's CPU,")
+    print("Nix handling and layering included. 'out/in' of zstd rows counts both stored blobs.")
 
 
 if __name__ == "__main__":
