@@ -100,7 +100,7 @@ def timed_pack(storage: Storage, paths: list[str]) -> tuple[float, float, int]:
     """Seconds to pack and write, seconds to commit, compressed bytes."""
     with storage.blob_writer() as writer:
         started = time.perf_counter()
-        archive.write_store_layer(paths, writer, level=1)
+        archive.write_store_layer(paths, [archive.Output(archive.GZIP_DEFAULT, writer)])
         packed = time.perf_counter()
         writer.commit()
         return packed - started, time.perf_counter() - packed, writer.size

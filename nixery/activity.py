@@ -95,8 +95,10 @@ class Build:
         layers: Sequence[tuple[int, int]] = (),
         error: str | None = None,
         log_tail: str | None = None,
+        profile: Mapping[str, float] | None = None,
     ) -> BuildRecord:
-        """The finished build. `layers` are (size, was packed) pairs."""
+        """The finished build. `layers` are (size, was packed) pairs; `profile`
+        is the finer account of a successful build (see `images.BuildProfile`)."""
         return BuildRecord(
             id=self.id,
             image=self.image,
@@ -112,6 +114,7 @@ class Build:
             size=sum(size for size, _ in layers),
             error=error,
             log=log_tail,
+            profile=dict(profile or {}),
         )
 
 
@@ -131,6 +134,7 @@ class BuildRecord:
     size: int = 0  # compressed bytes of all layers
     error: str | None = None
     log: str | None = None
+    profile: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

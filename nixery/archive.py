@@ -1,40 +1,92 @@
 """Reproducible, streamed layer tarballs.
 
-A layer is written in one pass: tar entries go through a tap that hashes the
-uncompressed bytes (the diff_id) and compresses them into the sink (a storage
-writer, which hashes the compressed bytes into the blob digest). Nothing is
-held in memory beyond a compression buffer.
+A layer is written in one pass: tar entries go through a tap that cuts the
+uncompressed stream into fixed-size chunks and hashes them (the diff_id).
+Each chunk is then compressed by one encoder per requested compression
+(gzip, optionally zstd as well), each writing into its own sink (a storage
+writer, which hashes the compressed bytes into the blob digest). Encoders
+run on their own threads, so reading and hashing overlap with compressing;
+the compressors and hashes release the GIL. Memory is bounded by a few
+chunks per encoder, whatever the layer's size.
 
-Entries are sorted depth-first by name, owned by 0:0 with empty user and
-group names, stamped with mtime 1, and carry no xattrs, so the same input
-gives the same bytes on any host. Hard links are written as regular files
-(the store only hard-links identical files to save space, and a link target
-may live in another layer); sockets, FIFOs and devices cannot be in a Nix
-store path and are skipped if present.
+Compressors always see the same chunk sequence, so the bytes do not depend
+on threading. Entries are sorted depth-first by name, owned by 0:0 with
+empty user and group names, stamped with mtime 1, and carry no xattrs, so
+the same input gives the same bytes on any host. Hard links are written as
+regular files (the store only hard-links identical files to save space, and
+a link target may live in another layer); sockets, FIFOs and devices cannot
+be in a Nix store path and are skipped if present.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
+import queue
 import stat
-import tarfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from io import FileIO
 from typing import Protocol
 
+import zstandard
 from isal import isal_zlib
 
+from nixery import tar
+from nixery.errors import NixeryError
 from nixery.rootfs import RootEntry
 
 MTIME = 1
 CHUNK = 1 << 20
+QUEUED_CHUNKS = 4  # per encoder thread: bounds memory, absorbs jitter
 DEFAULT_COMPRESSION_LEVEL = 1
+DEFAULT_ZSTD_LEVEL = 3
+GZIP = "gzip"
+ZSTD = "zstd"
+
+
+class ArchiveError(NixeryError):
+    """A store path changed while it was being packed."""
 
 
 class Sink(Protocol):
     def write(self, data: bytes) -> object: ...
+
+
+class _Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Compression:
+    """One compressed encoding of a layer: `gzip` (ISA-L) or `zstd`."""
+
+    codec: str
+    level: int
+
+    def __post_init__(self) -> None:
+        if self.codec not in (GZIP, ZSTD):
+            raise ValueError(f"unknown compression {self.codec!r}")
+
+    def compressor(self) -> _Compressor:
+        if self.codec == GZIP:
+            # wbits 31: a gzip wrapper with a zero mtime and no file name.
+            return isal_zlib.compressobj(self.level, isal_zlib.DEFLATED, 31)
+        # Single-threaded zstd, no content size in the frame: the frame depends
+        # only on the input bytes.
+        return zstandard.ZstdCompressor(level=self.level).compressobj()
+
+
+GZIP_DEFAULT = Compression(GZIP, DEFAULT_COMPRESSION_LEVEL)
+
+
+@dataclass(frozen=True)
+class Output:
+    compression: Compression
+    sink: Sink
 
 
 @dataclass(frozen=True)
@@ -43,56 +95,147 @@ class PackedLayer:
     uncompressed_size: int
 
 
-class _Tap:
-    """A write-only file for tarfile that hashes, then gzips into `sink`."""
+class _Encoder:
+    """Compresses chunks into one sink, inline or on its own thread."""
 
-    def __init__(self, sink: Sink, level: int):
-        self._sink = sink
-        self._hash = hashlib.sha256()
-        self._size = 0
-        # wbits 31: a gzip wrapper with a zero mtime and no file name.
-        self._zip = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
+    _DONE = b""
 
-    def write(self, data: bytes) -> int:
-        self._hash.update(data)
-        self._size += len(data)
-        out = self._zip.compress(data)
+    def __init__(self, output: Output, threaded: bool):
+        self._zip = output.compression.compressor()
+        self._sink = output.sink
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[bytes] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.Queue(QUEUED_CHUNKS)
+            self._thread = threading.Thread(target=self._drain, name="nixery-encoder", daemon=True)
+            self._thread.start()
+
+    def _encode(self, chunk: bytes) -> None:
+        out = self._zip.compress(chunk)
         if out:
             self._sink.write(out)
-        return len(data)
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (chunk := self._queue.get()) is not self._DONE:
+            if self._error is None:
+                try:
+                    self._encode(chunk)
+                except BaseException as exc:  # reported to the producer
+                    self._error = exc
+        if self._error is None:
+            try:
+                self._sink.write(self._zip.flush())
+            except BaseException as exc:
+                self._error = exc
+
+    def put(self, chunk: bytes) -> None:
+        if self._queue is None:
+            self._encode(chunk)
+            return
+        self._raise()
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Flush and wait for the thread; raise what went wrong in it."""
+        if self._queue is None:
+            self._sink.write(self._zip.flush())
+            return
+        self._stop()
+        self._raise()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            assert self._queue is not None
+            self._queue.put(self._DONE)
+            self._thread.join()
+            self._thread = None
+
+    def abandon(self) -> None:
+        """Stop the thread after a failure elsewhere; the sink is discarded."""
+        self._error = self._error or RuntimeError("layer abandoned")
+        self._stop()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class _Tap:
+    """The tar stream's sink: fixed-size chunks, hashed, then encoded."""
+
+    def __init__(self, outputs: Sequence[Output], threaded: bool):
+        if not outputs:
+            raise ValueError("a layer needs at least one output")
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._buf = bytearray(CHUNK)
+        self._view = memoryview(self._buf)
+        self._fill = 0
+        self._encoders: list[_Encoder] = []
+        try:
+            for output in outputs:
+                self._encoders.append(_Encoder(output, threaded))
+        except BaseException:
+            self.abandon()
+            raise
+
+    def write(self, data: bytes) -> int:
+        size = len(data)
+        view = memoryview(data)
+        done = 0
+        while done < size:
+            n = min(CHUNK - self._fill, size - done)
+            self._view[self._fill : self._fill + n] = view[done : done + n]
+            self._fill += n
+            done += n
+            if self._fill == CHUNK:
+                self._emit(bytes(self._buf))
+                self._fill = 0
+        self._size += size
+        return size
+
+    def copy_from(self, fh: FileIO, size: int) -> None:
+        """Append exactly `size` bytes of `fh`, read straight into the chunk."""
+        left = size
+        while left:
+            n = fh.readinto(self._view[self._fill : self._fill + min(left, CHUNK - self._fill)])
+            if not n:
+                raise ArchiveError(f"{fh.name!r} is shorter than its {size} bytes")
+            self._fill += n
+            left -= n
+            if self._fill == CHUNK:
+                self._emit(bytes(self._buf))
+                self._fill = 0
+        self._size += size
+
+    def _emit(self, chunk: bytes) -> None:
+        self._hash.update(chunk)
+        for encoder in self._encoders:
+            encoder.put(chunk)
 
     def tell(self) -> int:
         return self._size
 
     def finish(self) -> PackedLayer:
-        self._sink.write(self._zip.flush())
+        if self._fill:
+            self._emit(bytes(self._view[: self._fill]))
+            self._fill = 0
+        try:
+            for encoder in self._encoders:
+                encoder.close()
+        except BaseException:
+            self.abandon()
+            raise
         return PackedLayer("sha256:" + self._hash.hexdigest(), self._size)
 
-
-def _base(name: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.mtime = MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+    def abandon(self) -> None:
+        for encoder in self._encoders:
+            encoder.abandon()
 
 
-def _dir(name: str, mode: int) -> tarfile.TarInfo:
-    info = _base(name)
-    info.type = tarfile.DIRTYPE
-    info.mode = mode
-    return info
-
-
-def _symlink(name: str, target: str) -> tarfile.TarInfo:
-    info = _base(name)
-    info.type = tarfile.SYMTYPE
-    info.linkname = target
-    info.mode = 0o777
-    return info
-
-
-def _walk(path: str) -> Iterator[tuple[str, os.stat_result]]:
+def _walk(path: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
     """Depth-first, name-sorted walk yielding (path, lstat) including `path`."""
     st = os.lstat(path)
     yield path, st
@@ -101,49 +244,81 @@ def _walk(path: str) -> Iterator[tuple[str, os.stat_result]]:
             yield from _walk(os.path.join(path, name))
 
 
-def _write_store_path(tar: tarfile.TarFile, store_path: str) -> None:
+class _TarStream:
+    """Tar members into the tap (see `tar` for the format)."""
+
+    def __init__(self, tap: _Tap):
+        self._tap = tap
+
+    def directory(self, name: bytes, mode: int) -> None:
+        self._tap.write(tar.header(name, tar.DIRECTORY, mode, MTIME))
+
+    def symlink(self, name: bytes, target: bytes) -> None:
+        self._tap.write(tar.header(name, tar.SYMLINK, 0o777, MTIME, link=target))
+
+    def file(self, name: bytes, mode: int, size: int, path: bytes) -> None:
+        self._tap.write(tar.header(name, tar.REGULAR, mode, MTIME, size=size))
+        if size:
+            with open(path, "rb", buffering=0) as fh:
+                self._tap.copy_from(fh, size)
+        self._tap.write(tar.padding(size))
+
+    def content(self, name: bytes, mode: int, data: bytes) -> None:
+        self._tap.write(tar.header(name, tar.REGULAR, mode, MTIME, size=len(data)))
+        self._tap.write(data + tar.padding(len(data)))
+
+    def close(self) -> None:
+        self._tap.write(tar.end(self._tap.tell()))
+
+
+def _write_store_path(out: _TarStream, store_path: bytes) -> None:
     for path, st in _walk(store_path):
-        name = path.lstrip("/")
+        name = path.lstrip(b"/")
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
-            tar.addfile(_dir(name, mode))
+            out.directory(name, mode)
         elif stat.S_ISLNK(st.st_mode):
-            tar.addfile(_symlink(name, os.readlink(path)))
+            out.symlink(name, os.readlink(path))
         elif stat.S_ISREG(st.st_mode):
-            info = _base(name)
-            info.mode = mode
-            info.size = st.st_size
-            with open(path, "rb") as fh:
-                tar.addfile(info, fh)
+            out.file(name, mode, st.st_size, path)
 
 
 def write_store_layer(
-    paths: Iterable[str], sink: Sink, level: int = DEFAULT_COMPRESSION_LEVEL
+    paths: Iterable[str], outputs: Sequence[Output], *, threaded: bool = True
 ) -> PackedLayer:
-    """Write the given store paths (and /nix, /nix/store) as a gzipped tar."""
-    tap = _Tap(sink, level)
-    with tarfile.open(fileobj=tap, mode="w", format=tarfile.PAX_FORMAT, bufsize=CHUNK) as tar:  # type: ignore[call-overload]
-        tar.addfile(_dir("nix", 0o755))
-        tar.addfile(_dir("nix/store", 0o755))
-        for path in sorted(paths):
-            _write_store_path(tar, path)
+    """Write the given store paths (and /nix, /nix/store) as a compressed tar
+    into every output; all outputs share one tar stream and diff_id."""
+    tap = _Tap(outputs, threaded)
+    try:
+        out = _TarStream(tap)
+        out.directory(b"nix", 0o755)
+        out.directory(b"nix/store", 0o755)
+        for path in sorted(os.fsencode(p) for p in paths):
+            _write_store_path(out, path)
+        out.close()
+    except BaseException:
+        tap.abandon()
+        raise
     return tap.finish()
 
 
 def write_root_layer(
-    entries: Iterable[RootEntry], sink: Sink, level: int = DEFAULT_COMPRESSION_LEVEL
+    entries: Iterable[RootEntry], outputs: Sequence[Output], *, threaded: bool = False
 ) -> PackedLayer:
     """Write the image's root file system entries (see `rootfs`)."""
-    tap = _Tap(sink, level)
-    with tarfile.open(fileobj=tap, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+    tap = _Tap(outputs, threaded)
+    try:
+        out = _TarStream(tap)
         for entry in sorted(entries, key=lambda e: e.path.split("/")):
+            name = os.fsencode(entry.path)
             if entry.kind == "dir":
-                tar.addfile(_dir(entry.path, entry.mode))
+                out.directory(name, entry.mode)
             elif entry.kind == "symlink":
-                tar.addfile(_symlink(entry.path, entry.target))
+                out.symlink(name, os.fsencode(entry.target))
             else:
-                info = _base(entry.path)
-                info.mode = entry.mode
-                info.size = len(entry.content)
-                tar.addfile(info, io.BytesIO(entry.content))
+                out.content(name, entry.mode, entry.content)
+        out.close()
+    except BaseException:
+        tap.abandon()
+        raise
     return tap.finish()

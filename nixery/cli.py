@@ -278,6 +278,37 @@ def main() -> None:
 )
 @_scale_out_options
 @click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd"]),
+    default="gzip",
+    show_default=True,
+    envvar="NIXERY_COMPRESSION",
+    help="Layer compression for OCI manifests; Docker manifests always get gzip.",
+)
+@click.option(
+    "--zstd-level",
+    type=click.IntRange(1, 19),
+    default=3,
+    show_default=True,
+    envvar="NIXERY_ZSTD_LEVEL",
+)
+@click.option(
+    "--max-builds",
+    type=click.IntRange(min=1),
+    default=None,
+    show_default="number of cores",
+    envvar="NIXERY_MAX_BUILDS",
+    help="Images built at the same time.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    envvar="NIXERY_MAX_QUEUE",
+    help="Further images that may wait for a build; beyond that: 429 with Retry-After.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from nixery.errors import ConfigError
-from nixery.platforms import Platform, host_platform, parse_platform
+from nixery.platforms import Platform, host_cores, host_platform, parse_platform
 from nixery.sources import SourceConfig, source_config
 from nixery.storage.base import validate_key
 
@@ -110,6 +110,10 @@ class Settings:
     s3: S3Settings | None = None
     nix_builders: str | None = None
     security: SecuritySettings = SecuritySettings()
+    compression: str = "gzip"
+    zstd_level: int = 3
+    max_builds: int = field(default_factory=host_cores)
+    max_queue: int = 16
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -138,6 +142,10 @@ class Settings:
             s3=s3_settings(options),
             nix_builders=options.get("nix_builders") or None,
             security=SecuritySettings.from_options(options),
+            compression=options.get("compression") or "gzip",
+            zstd_level=int(options.get("zstd_level") or 3),
+            max_builds=int(options.get("max_builds") or host_cores()),
+            max_queue=int(options.get("max_queue", 16)),
         )
 
 

@@ -129,3 +129,12 @@ class BuildFailed(NixeryError):
 
 class SourceUnavailable(NixeryError):
     """The package source could not be reached or read (git, HTTP, flake lock)."""
+
+
+class QueueFull(NixeryError):
+    """Too many different computations are already running or waiting."""
+
+    def __init__(self, running: int, waiting: int):
+        super().__init__(f"{running} running and {waiting} waiting; no room for more")
+        self.running = running
+        self.waiting = waiting

@@ -9,30 +9,39 @@ leaves nothing that points at a missing blob.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import hashlib
 import json
 import logging
+import math
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from nixery import archive
 from nixery.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
-from nixery.archive import PackedLayer
+from nixery.archive import Compression, Output, PackedLayer
 from nixery.catalog import Catalog, Lookup
 from nixery.errors import (
     BuildFailed,
     BuildNotAllowed,
     ErrorCode,
     NixeryError,
+    QueueFull,
     RegistryError,
     UnknownPackages,
 )
 from nixery.graph import ClosureGraph, store_path_name
 from nixery.layers import DEFAULT_BUDGET, LayerGroup, group_layers
 from nixery.manifest import (
+    OCI_LAYER_ZSTD,
     Descriptor,
     Document,
     Format,
@@ -54,7 +63,7 @@ from nixery.names import (
     validate_tag,
 )
 from nixery.nix import Nix, ResolvedPackage, temporary_roots
-from nixery.platforms import Platform, host_platform
+from nixery.platforms import Platform, host_cores, host_platform
 from nixery.rootfs import root_entries
 from nixery.singleflight import SingleFlight
 from nixery.sources import LATEST, ResolvedSource, Sources
@@ -66,6 +75,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = "1"
 # Larger blobs are never read as manifests (the spec's suggested manifest limit).
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 16
+DEFAULT_RETRY_AFTER = 5  # seconds, before any build has been timed
 
 
 @dataclass(frozen=True)
@@ -76,26 +87,58 @@ class BuildSettings:
     overlays: tuple[str, ...] = ()
     max_packages: int = 64
     max_image_size: int | None = None  # closure NAR bytes
+    # "gzip", or "zstd": OCI manifests then reference zstd layers, Docker
+    # manifests gzip ones (Docker schema2 has no zstd); both share diff_ids.
+    compression: str = archive.GZIP
+    zstd_level: int = archive.DEFAULT_ZSTD_LEVEL
+    # Layers packed at once: twice the cores, so that a worker waiting for
+    # fsync leaves its core to another.
+    pack_workers: int = field(default_factory=lambda: 2 * host_cores())
+    max_builds: int = field(default_factory=host_cores)  # images built at once
+    max_queue: int = DEFAULT_MAX_QUEUE  # more images waiting for a build slot
+
+    def outputs(self) -> tuple[Compression, ...]:
+        """The encodings every layer is stored in; gzip always comes first."""
+        gzip = Compression(archive.GZIP, self.compression_level)
+        if self.compression == archive.ZSTD:
+            return (gzip, Compression(archive.ZSTD, self.zstd_level))
+        return (gzip,)
+
+
+@dataclass(frozen=True)
+class Blob:
+    digest: str
+    size: int
 
 
 @dataclass(frozen=True)
 class Layer:
-    digest: str
+    digest: str  # the gzip blob, which every client can read
     size: int
     diff_id: str
     paths: tuple[str, ...]
+    zstd: Blob | None = None  # the same tar, zstd-compressed
+
+    def descriptor(self, fmt: Format) -> Descriptor:
+        if self.zstd is not None and fmt is Format.OCI:
+            return Descriptor(OCI_LAYER_ZSTD, self.zstd.digest, self.zstd.size)
+        return Descriptor(fmt.layer_type, self.digest, self.size)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "digest": self.digest,
             "size": self.size,
             "diff_id": self.diff_id,
             "paths": list(self.paths),
         }
+        if self.zstd is not None:
+            out["zstd"] = asdict(self.zstd)
+        return out
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Layer:
-        return Layer(data["digest"], data["size"], data["diff_id"], tuple(data["paths"]))
+        zstd = Blob(data["zstd"]["digest"], data["zstd"]["size"]) if "zstd" in data else None
+        return Layer(data["digest"], data["size"], data["diff_id"], tuple(data["paths"]), zstd)
 
 
 @dataclass(frozen=True)
@@ -123,6 +166,65 @@ class BuiltImage:
         return BuiltImage(manifests, layers, tuple(data["packages"]))
 
 
+@dataclass(frozen=True)
+class BuildProfile:
+    """Where a build's time went, in seconds of wall-clock time, and what it packed.
+
+    `store_io` is the time spent inside storage writes and commits while
+    packing, summed over the packing threads (so it can exceed `packing`,
+    which includes it)."""
+
+    evaluate: float = 0.0  # resolving the names in the package set
+    realise: float = 0.0  # building or substituting the packages
+    closure: float = 0.0  # reading the closure graph and grouping layers
+    packing: float = 0.0  # packing and storing every layer
+    store_io: float = 0.0
+    documents: float = 0.0  # configs, manifests and the image record
+    total: float = 0.0
+    packed_bytes: int = 0  # uncompressed tar bytes of the layers packed
+
+    @property
+    def nix(self) -> float:
+        return self.evaluate + self.realise + self.closure
+
+    def to_json(self) -> dict[str, float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    @staticmethod
+    def from_json(data: Mapping[str, float]) -> BuildProfile:
+        seconds = {f: float(data.get(f, 0.0)) for f in _PROFILE_SECONDS}
+        return BuildProfile(**seconds, packed_bytes=int(data.get("packed_bytes", 0)))
+
+
+_PROFILE_SECONDS = ("evaluate", "realise", "closure", "packing", "store_io", "documents", "total")
+
+
+@dataclass(frozen=True)
+class _LayerResult:
+    layer: Layer
+    packed_bytes: int | None  # None: reused from the cache
+    store_io: float
+
+
+class _TimedSink:
+    """A storage writer that counts the time spent inside it."""
+
+    def __init__(self, writer: BlobWriter):
+        self.writer = writer
+        self.seconds = 0.0
+
+    def write(self, data: bytes) -> None:
+        started = time.perf_counter()
+        self.writer.write(data)
+        self.seconds += time.perf_counter() - started
+
+    def commit(self) -> str:
+        started = time.perf_counter()
+        digest = self.writer.commit()
+        self.seconds += time.perf_counter() - started
+        return digest
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -146,7 +248,14 @@ class ImageService:
         self.popularity = dict(popularity or {})
         self.events = events or BuildEvents()
         self.catalog = Catalog(nix, settings.overlays)
-        self._flight: SingleFlight[BuiltImage] = SingleFlight()
+        # Builds run on their own workers: a client that leaves cancels nothing.
+        self._flight: SingleFlight[BuiltImage] = SingleFlight(
+            settings.max_builds, settings.max_queue, "nixery-build"
+        )
+        self._layer_flight: SingleFlight[_LayerResult] = SingleFlight()
+        self._packers = ThreadPoolExecutor(settings.pack_workers, thread_name_prefix="nixery-pack")
+        self._lock = threading.Lock()
+        self._durations: deque[float] = deque(maxlen=16)
         self.layers_packed = 0  # observable by tests and metrics
         self._asking = _Count()  # requests inside a (possibly shared) build
         self._building = _Count()  # builds running
@@ -165,9 +274,12 @@ class ImageService:
         source = self.sources.resolve(reference)
         platforms = (request.platform,) if request.platform else self.settings.platforms
         if accept.index_format is not None and len(platforms) > 1:
-            images = [
-                (p, self.image(request, source, p, name, reference, may_build)) for p in platforms
+            # Every platform's build is queued at once, so they run side by side.
+            futures = [
+                self._image_future(request, source, p, name, reference, may_build)
+                for p in platforms
             ]
+            images = list(zip(platforms, self._wait(futures), strict=True))
             return self._index(images, accept.index_format)
         # Without a list the client gets the first configured platform; only it is built.
         image = self.image(request, source, platforms[0], name, reference, may_build)
@@ -227,9 +339,27 @@ class ImageService:
 
         `name` and `tag` are as asked; they label the build for people.
         Without `may_build`, only a stored image is returned."""
+        future = self._image_future(request, source, platform, name, tag, may_build)
+        return self._wait([future])[0]
+
+    def _wait(self, futures: Sequence[Future[BuiltImage]]) -> list[BuiltImage]:
+        if all(f.done() for f in futures):
+            return [f.result() for f in futures]
+        with self._asking.held():
+            return [f.result() for f in futures]
+
+    def _image_future(
+        self,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        name: str | None,
+        tag: str,
+        may_build: bool = True,
+    ) -> Future[BuiltImage]:
         key = _key(
             FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
-            self.settings.overlays, self.settings.layer_budget, self.settings.compression_level,
+            self.settings.overlays, self.settings.layer_budget, self._encoding(),
             sorted(self.popularity.items()),
         )  # fmt: skip
         doc_key = f"images/{key}.json"
@@ -237,18 +367,43 @@ class ImageService:
         cached = self._stored_image(doc_key)
         self.events.cache_lookup("image", cached is not None)
         if cached is not None:
-            return cached
+            done: Future[BuiltImage] = Future()
+            done.set_result(cached)
+            return done
         if not may_build:
             raise BuildNotAllowed()
         label = name or "/".join(request.requested) or "/".join(request.packages)
-        with self._asking.held():
-            return self._flight.do(
+        try:
+            future = self._flight.submit(
                 key,
                 lambda: (
                     self._stored_image(doc_key)
                     or self._build(request, source, platform, doc_key, label, tag)
                 ),
             )
+        except QueueFull as exc:
+            raise RegistryError(
+                ErrorCode.TOOMANYREQUESTS,
+                {"building": exc.running, "waiting": exc.waiting},
+                "too many images are being built, retry later",
+                headers={"Retry-After": str(self._retry_after())},
+            ) from exc
+        building, waiting = self._flight.counts()
+        if waiting and building >= self.settings.max_builds:
+            log.info("build queue: %d building, %d waiting", building, waiting)
+        return future
+
+    def _encoding(self) -> list[Any]:
+        """What, beyond the input, decides the bytes of layers (part of cache keys)."""
+        return [[c.codec, c.level] for c in self.settings.outputs()]
+
+    def _retry_after(self) -> int:
+        """Seconds a refused client should wait: about one build."""
+        with self._lock:
+            recent = list(self._durations)
+        if not recent:
+            return DEFAULT_RETRY_AFTER
+        return max(1, min(60, math.ceil(sum(recent) / len(recent))))
 
     def _stored_image(self, doc_key: str) -> BuiltImage | None:
         """A stored image whose blobs are all present, or None (then it is rebuilt)."""
@@ -285,19 +440,24 @@ class ImageService:
         log.info("build started", extra={"image": name, "tag": tag, "build": build.id})
         try:
             with self._building.held():
-                built, packed = self._build_steps(build, request, source, platform, doc_key)
+                built, packed, profile = self._build_steps(
+                    build, request, source, platform, doc_key
+                )
         except Exception as exc:  # every build that starts must end on the page
             self._failed(build, exc)
             raise
         layers = [(layer.size, p) for layer, p in zip(built.layers, packed, strict=True)]
-        record = build.record(SUCCESS, layers)
+        record = build.record(SUCCESS, layers, profile=profile.to_json())
         self.events.build_ended(build, record)
+        with self._lock:
+            self._durations.append(record.duration)
         log.info(
             "built %s for %s in %.2fs (%d layers, packed %d layers)",
             name, platform, record.duration, record.layers, record.packed,
             extra={"image": name, "tag": tag, "build": build.id,
                    "duration": round(record.duration, 3),
-                   "layers": record.layers, "packed": record.packed, "size": record.size},
+                   "layers": record.layers, "packed": record.packed, "size": record.size,
+                   "profile": profile.to_json()},
         )  # fmt: skip
         return built
 
@@ -308,7 +468,8 @@ class ImageService:
         source: ResolvedSource,
         platform: Platform,
         doc_key: str,
-    ) -> tuple[BuiltImage, list[bool]]:
+    ) -> tuple[BuiltImage, list[bool], BuildProfile]:
+        started = time.perf_counter()
         on_log = self._log_listener(build)
         try:
             packages = self.nix.resolve(
@@ -328,9 +489,18 @@ class ImageService:
                 detail,
                 message="unknown packages: " + ", ".join(exc.names),
             ) from exc
-        built, packed = self._pack(packages, platform, build)
+        evaluated = time.perf_counter()
+        built, packed, profile = self._pack(packages, platform, build)
+        stored = time.perf_counter()
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
-        return built, packed
+        done = time.perf_counter()
+        profile = replace(
+            profile,
+            evaluate=evaluated - started,
+            documents=profile.documents + done - stored,
+            total=done - started,
+        )
+        return built, packed, profile
 
     def _failed(self, build: Build, exc: Exception) -> None:
         fields = {"image": build.image, "tag": build.tag, "build": build.id}
@@ -388,24 +558,45 @@ class ImageService:
 
     def _pack(
         self, packages: Sequence[ResolvedPackage], platform: Platform, build: Build
-    ) -> tuple[BuiltImage, list[bool]]:
-        """Build the packages and store the image; also say which layers were packed."""
+    ) -> tuple[BuiltImage, list[bool], BuildProfile]:
+        """Build the packages and store the image; say which layers were packed
+        and where the time went."""
+        started = time.perf_counter()
         self._phase(build, "building")
+        # The roots keep the closure from Nix's garbage collector until packed.
         with temporary_roots() as roots:
             outs = self.nix.realise(packages, self._log_listener(build), roots)
+            realised = time.perf_counter()
             graph = self.nix.closure(outs)
             self._check_size(graph)
             groups = group_layers(graph, self.popularity, self.settings.layer_budget)
+            grouped = time.perf_counter()
             self._phase(build, "packing", total=len(groups) + 1)
-            results = []
-            for group in groups:
-                results.append(self._store_layer(group))
-                self._advance(build)
-            results.append(self._root_layer(packages))
-            self._advance(build)
+            jobs: list[Callable[[], _LayerResult]] = [
+                functools.partial(self._store_layer, group) for group in groups
+            ]
+            jobs.append(functools.partial(self._root_layer, packages))
+            sizes = [g.size for g in groups] + [0]
+            results = self._run_packers(jobs, sizes, lambda: self._advance(build))
+            packed = time.perf_counter()
         self._phase(build, "storing")
-        layers = [layer for layer, _ in results]
-        packed = [was_packed for _, was_packed in results]
+        built = self._store_image(packages, platform, [r.layer for r in results])
+        stored = time.perf_counter()
+        fresh = [r for r in results if r.packed_bytes is not None]
+        profile = BuildProfile(
+            realise=realised - started,
+            closure=grouped - realised,
+            packing=packed - grouped,
+            store_io=sum(r.store_io for r in results),
+            documents=stored - packed,
+            packed_bytes=sum(r.packed_bytes or 0 for r in fresh),
+        )
+        return built, [r.packed_bytes is not None for r in results], profile
+
+    def _store_image(
+        self, packages: Sequence[ResolvedPackage], platform: Platform, layers: Sequence[Layer]
+    ) -> BuiltImage:
+        """Store the configs and manifests of both formats over `layers`."""
         histories = [_history(layer.paths) for layer in layers[:-1]] + ["nixery: root file system"]
         names = {p.attr_path for p in packages}
         cmd = ["bash"] if "bashInteractive" in names else None
@@ -414,11 +605,11 @@ class ImageService:
         for fmt in Format:
             config_doc = config_document(config, fmt)
             self.storage.put_blob(config_doc.data)
-            descriptors = [Descriptor(fmt.layer_type, layer.digest, layer.size) for layer in layers]
+            descriptors = [layer.descriptor(fmt) for layer in layers]
             manifest = manifest_document(fmt, config_doc.descriptor(), descriptors)
             self.storage.put_blob(manifest.data)
             manifests[fmt.name] = manifest.descriptor()
-        return BuiltImage(manifests, tuple(layers), tuple(sorted(names))), packed
+        return BuiltImage(manifests, tuple(layers), tuple(sorted(names)))
 
     def _check_size(self, graph: ClosureGraph) -> None:
         limit = self.settings.max_image_size
@@ -430,44 +621,93 @@ class ImageService:
                 f"the image's closure is {size} bytes, over this registry's limit of {limit}",
             )
 
-    def _store_layer(self, group: LayerGroup) -> tuple[Layer, bool]:
-        key = f"layers/{_key(FORMAT_VERSION, group.paths, self.settings.compression_level)}.json"
-        level = self.settings.compression_level
+    def _run_packers(
+        self,
+        jobs: Sequence[Callable[[], _LayerResult]],
+        sizes: Sequence[int],
+        on_done: Callable[[], None],
+    ) -> list[_LayerResult]:
+        """Run the layer jobs on the shared packing pool, biggest first so that
+        the longest job does not start last; results keep the jobs' order.
+        `on_done` is called on this thread as each job finishes."""
+        order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+        futures: dict[Future[_LayerResult], int] = {}
+        try:
+            for i in order:
+                # Each job carries this build's log context (its request id).
+                run = contextvars.copy_context().run
+                futures[self._packers.submit(run, jobs[i])] = i
+            results: dict[int, _LayerResult] = {}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                on_done()
+            return [results[i] for i in range(len(jobs))]
+        finally:
+            for future in futures:
+                future.cancel()  # after a failure: skip what has not started
+
+    def _store_layer(self, group: LayerGroup) -> _LayerResult:
+        key = f"layers/{_key(FORMAT_VERSION, group.paths, self._encoding())}.json"
         return self._cached_layer(
-            key, group.paths, lambda w: archive.write_store_layer(group.paths, w, level)
+            key,
+            group.paths,
+            lambda outputs: archive.write_store_layer(group.paths, outputs),
         )
 
-    def _root_layer(self, packages: Sequence[ResolvedPackage]) -> tuple[Layer, bool]:
+    def _root_layer(self, packages: Sequence[ResolvedPackage]) -> _LayerResult:
         pairs = sorted((p.attr_path, p.out) for p in packages)
-        key = f"layers/{_key(FORMAT_VERSION, 'root', pairs, self.settings.compression_level)}.json"
-        level = self.settings.compression_level
+        key = f"layers/{_key(FORMAT_VERSION, 'root', pairs, self._encoding())}.json"
         return self._cached_layer(
-            key, (), lambda w: archive.write_root_layer(root_entries(pairs), w, level)
+            key, (), lambda outputs: archive.write_root_layer(root_entries(pairs), outputs)
         )
 
     def _cached_layer(
-        self, key: str, paths: tuple[str, ...], write: Callable[[BlobWriter], PackedLayer]
-    ) -> tuple[Layer, bool]:
-        """Reuse the layer stored under `key`, or pack it with `write` (then True)."""
-        cached = self.storage.get_document(key)
+        self, key: str, paths: tuple[str, ...], write: Callable[[list[Output]], PackedLayer]
+    ) -> _LayerResult:
+        """Reuse the layer stored under `key`, or pack it with `write`; a layer
+        wanted by several builds at once is packed once."""
+        cached = self._stored_layer(key)
+        self.events.cache_lookup("layer", cached is not None)
         if cached is not None:
-            try:
-                layer: Layer | None = Layer.from_json(json.loads(cached))
-            except (ValueError, KeyError, TypeError):
-                layer = None
-            if layer is not None and self.storage.locate_blob(layer.digest) is not None:
-                self.events.cache_lookup("layer", True)
-                # Reused by a build in progress: gc must not take it now.
-                self.storage.mark_used(key, layer.digest)
-                return layer, False
-        self.events.cache_lookup("layer", False)
-        with self.storage.blob_writer() as writer:
-            packed = write(writer)
-            digest = writer.commit()
-            layer = Layer(digest, writer.size, packed.diff_id, paths)
-        self.layers_packed += 1
+            # Reused by a build in progress: gc must not take it now.
+            zstd = [cached.zstd.digest] if cached.zstd else []
+            self.storage.mark_used(key, cached.digest, *zstd)
+            return _LayerResult(cached, None, 0.0)
+        return self._layer_flight.do(key, lambda: self._pack_layer(key, paths, write))
+
+    def _stored_layer(self, key: str) -> Layer | None:
+        cached = self.storage.get_document(key)
+        if cached is None:
+            return None
+        try:
+            layer = Layer.from_json(json.loads(cached))
+        except (ValueError, KeyError, TypeError):
+            return None
+        blobs = [layer.digest] + ([layer.zstd.digest] if layer.zstd else [])
+        if any(self.storage.locate_blob(d) is None for d in blobs):
+            return None
+        return layer
+
+    def _pack_layer(
+        self, key: str, paths: tuple[str, ...], write: Callable[[list[Output]], PackedLayer]
+    ) -> _LayerResult:
+        cached = self._stored_layer(key)  # packed by a flight that just ended
+        if cached is not None:
+            return _LayerResult(cached, None, 0.0)
+        compressions = self.settings.outputs()
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(self.storage.blob_writer()) for _ in compressions]
+            sinks = [_TimedSink(w) for w in writers]
+            packed = write([Output(c, s) for c, s in zip(compressions, sinks, strict=True)])
+            blobs = [Blob(sink.commit(), sink.writer.size) for sink in sinks]
+        gzip, zstd = blobs[0], (blobs[1] if len(blobs) > 1 else None)
+        layer = Layer(gzip.digest, gzip.size, packed.diff_id, paths, zstd)
+        started = time.perf_counter()
         self.storage.put_document(key, json.dumps(layer.to_json()).encode())
-        return layer, True
+        store_io = sum(s.seconds for s in sinks) + time.perf_counter() - started
+        with self._lock:
+            self.layers_packed += 1
+        return _LayerResult(layer, packed.uncompressed_size, store_io)
 
 
 class _Count:
@@ -492,4 +732,12 @@ def _history(paths: Sequence[str]) -> str:
     return "nixery: " + " ".join(store_path_name(p) for p in paths)
 
 
-__all__ = ["BuildFailed", "BuildSettings", "BuiltImage", "ClosureGraph", "ImageService", "Layer"]
+__all__ = [
+    "BuildFailed",
+    "BuildProfile",
+    "BuildSettings",
+    "BuiltImage",
+    "ClosureGraph",
+    "ImageService",
+    "Layer",
+]

@@ -20,10 +20,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from nixery.graph import ClosureGraph
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 ROOT = "<root>"
 DEFAULT_BUDGET = 94
@@ -53,6 +55,9 @@ def group_layers(
     big_closure: int = BIG_CLOSURE_BYTES,
 ) -> list[LayerGroup]:
     """Split `graph` into at most `budget` layers, most shareable first."""
+    # Imported on first use: networkx is a third of the server's start-up time.
+    import networkx as nx
+
     if budget < 1:
         raise ValueError("the layer budget must be at least 1")
     g = _dependency_graph(graph)
@@ -76,6 +81,8 @@ def group_layers(
 
 
 def _dependency_graph(graph: ClosureGraph) -> nx.DiGraph:
+    import networkx as nx
+
     g = nx.DiGraph()
     g.add_node(ROOT)
     g.add_nodes_from(graph.paths)

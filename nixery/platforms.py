@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform as _host
 from dataclasses import dataclass
 
@@ -41,3 +42,11 @@ def parse_platform(text: str) -> Platform:
 def host_platform() -> Platform:
     machine = _host.machine().lower()
     return ARM64 if machine in ("aarch64", "arm64") else AMD64
+
+
+def host_cores() -> int:
+    """CPUs this process may run on (respects affinity and cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

@@ -55,6 +55,10 @@ def make_service(
         overlays=settings.overlays,
         max_packages=settings.security.max_packages,
         max_image_size=settings.security.max_image_size,
+        compression=settings.compression,
+        zstd_level=settings.zstd_level,
+        max_builds=settings.max_builds,
+        max_queue=settings.max_queue,
     )
     nix = make_nix(settings)
     return ImageService(

@@ -5,9 +5,13 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 from pathlib import Path
 
-from nixery.archive import write_root_layer, write_store_layer
+import pytest
+import zstandard
+
+from nixery.archive import GZIP, ZSTD, Compression, Output, write_root_layer, write_store_layer
 from nixery.rootfs import root_entries
 
 
@@ -34,7 +38,7 @@ def fake_store_path(root: Path, name: str) -> Path:
 
 def pack(paths: list[str], level: int = 1) -> tuple[bytes, str]:
     sink = Collect()
-    packed = write_store_layer(paths, sink, level)
+    packed = write_store_layer(paths, [Output(Compression(GZIP, level), sink)])
     return sink.buf.getvalue(), packed.diff_id
 
 
@@ -85,8 +89,9 @@ def test_root_layer_joins_packages(tmp_path: Path) -> None:
     assert entries["tmp"].mode == 0o1777
     assert b"root:x:0:0" in entries["etc/passwd"].content
     sink1, sink2 = Collect(), Collect()
-    write_root_layer(list(entries.values()), sink1)
-    write_root_layer(list(reversed(entries.values())), sink2)
+    gzip = Compression(GZIP, 1)
+    write_root_layer(list(entries.values()), [Output(gzip, sink1)])
+    write_root_layer(list(reversed(entries.values())), [Output(gzip, sink2)])
     assert sink1.buf.getvalue() == sink2.buf.getvalue()
 
 
@@ -98,3 +103,52 @@ def test_root_layer_expands_symlinked_dirs_to_add_files(tmp_path: Path) -> None:
     assert entries["etc"].kind == "dir"
     assert entries["etc/ssl/certs/ca-bundle.crt"].kind == "symlink"
     assert entries["etc/ssl/certs/ca-certificates.crt"].target.endswith("ca-bundle.crt")
+
+
+def big_store_path(root: Path, name: str, mib: int) -> Path:
+    """A store path larger than several chunks, partly compressible."""
+    out = root / name
+    (out / "share").mkdir(parents=True)
+    (out / "share" / "random.bin").write_bytes(os.urandom(mib << 19))
+    (out / "share" / "text.txt").write_bytes(b"compressible line\n" * (mib << 15))
+    return out
+
+
+def test_threaded_encoders_give_the_same_bytes_for_gzip_and_zstd(tmp_path: Path) -> None:
+    paths = [str(big_store_path(tmp_path, "aaa-big", 5)), str(fake_store_path(tmp_path, "bbb-b"))]
+    compressions = [Compression(GZIP, 1), Compression(ZSTD, 3)]
+    results = []
+    for threaded in (False, True):
+        sinks = [Collect(), Collect()]
+        packed = write_store_layer(
+            paths,
+            [Output(c, s) for c, s in zip(compressions, sinks, strict=True)],
+            threaded=threaded,
+        )
+        results.append((packed, [s.buf.getvalue() for s in sinks]))
+    assert results[0] == results[1]
+    packed, (gz, zst) = results[0]
+    tar = gzip.decompress(gz)
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(zst) == tar
+    assert packed.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert packed.uncompressed_size == len(tar) > 5 << 20
+
+
+class Failing:
+    def __init__(self, after: int) -> None:
+        self.left = after
+
+    def write(self, data: bytes) -> int:
+        self.left -= 1
+        if self.left < 0:
+            raise OSError("disk full")
+        return len(data)
+
+
+def test_a_failing_sink_fails_the_layer_and_stops_its_threads(tmp_path: Path) -> None:
+    paths = [str(big_store_path(tmp_path, "aaa-big", 8))]
+    before = threading.active_count()
+    outputs = [Output(Compression(GZIP, 1), Collect()), Output(Compression(ZSTD, 1), Failing(2))]
+    with pytest.raises(OSError, match="disk full"):
+        write_store_layer(paths, outputs)
+    assert threading.active_count() == before

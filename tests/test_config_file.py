@@ -153,14 +153,14 @@ def test_options_added_to_serve_are_checked_without_changes(tmp_path: Path) -> N
         "serve",
         params=[
             *serve.params,
-            click.Option(["--max-builds"], type=click.IntRange(min=1), default=4),
+            click.Option(["--max-widgets"], type=click.IntRange(min=1), default=4),
         ],
     )
     seen: list[dict] = []
-    configfile.check(command, str(write(tmp_path, "max-builds = 2\n")), seen.append)
-    assert seen[0]["max_builds"] == 2
+    configfile.check(command, str(write(tmp_path, "max-widgets = 2\n")), seen.append)
+    assert seen[0]["max_widgets"] == 2
     with pytest.raises(configfile.ConfigError, match="0 is not in the range x>=1"):
-        configfile.check(command, str(write(tmp_path, "max_builds = 0\n")), seen.append)
+        configfile.check(command, str(write(tmp_path, "max_widgets = 0\n")), seen.append)
 
 
 def test_precedence_flag_then_environment_then_file(

@@ -1,0 +1,94 @@
+"""A cold build of the reference image, split into Nix, packing and storing,
+from the profile every build reports (`BuildProfile`, in the build record).
+
+"Cold" means an empty Nixery storage; the packages are already in the Nix
+store (as with a warm binary cache), so Nix time is evaluation and queries.
+The baseline is what a naive registry would do for the same image: the same
+Nix steps, then `tar --sort=name -c CLOSURE | gzip -6`, measured in the same
+run.
+
+    .venv/bin/python -m benchmarks.build [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import REFERENCE_IMAGE, build_in_process, machine, table
+from benchmarks.pack import baseline, reference_closure
+from nixery.images import BuildProfile
+
+
+def build(storage_dir: str, compression: str) -> tuple[BuildProfile | None, float]:
+    """The build's profile (None if the image was stored) and the request's seconds."""
+    started = time.perf_counter()
+    profile = build_in_process(storage_dir, compression=compression)
+    return profile, time.perf_counter() - started
+
+
+def forget_images(storage_dir: str) -> None:
+    """Drop the stored image records, keeping every layer."""
+    shutil.rmtree(Path(storage_dir) / "documents" / "images")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3, help="rounds; medians are shown")
+    runs = parser.parse_args().runs
+    print(f"reference image: {REFERENCE_IMAGE}; {machine()}")
+
+    cold, zstd, relayer = "cold, gzip", "cold, gzip + zstd", "image not stored, layers stored"
+    results: dict[str, list[BuildProfile]] = {cold: [], zstd: [], relayer: []}
+    stored: list[float] = []  # the image is stored: no build at all
+    naive: list[float] = []
+    paths = reference_closure()
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="nixery-bench-") as tmp:
+            results[cold].append(_profile(build(tmp, "gzip")))
+            stored.append(build(tmp, "gzip")[1])
+            forget_images(tmp)
+            results[relayer].append(_profile(build(tmp, "gzip")))
+        with tempfile.TemporaryDirectory(prefix="nixery-bench-") as tmp:
+            results[zstd].append(_profile(build(tmp, "zstd")))
+        naive.append(results[cold][-1].nix + baseline(paths, 0).wall)
+
+    med = statistics.median
+    rows: list[tuple[object, ...]] = []
+    for label, t in results.items():
+        rows.append((
+            label, med([x.evaluate for x in t]), med([x.realise for x in t]),
+            med([x.closure for x in t]), med([x.packing for x in t]),
+            med([x.store_io for x in t]), med([x.documents for x in t]),
+            med([x.total for x in t]),
+            med([n / x.total for n, x in zip(naive, t, strict=True)]),
+            f"{t[0].packed_bytes / 1e6:.1f}",
+        ))  # fmt: skip
+    speedup = med([n / s for n, s in zip(naive, stored, strict=True)])
+    rows.append(("image stored: no build", "", "", "", "", "", "", med(stored), speedup, ""))
+    rows.append(("baseline: same Nix + tar | gzip -6", "", "", "", "", "", "", med(naive), 1.0,
+                 ""))  # fmt: skip
+    table(
+        f"Cold build of the reference image (seconds, median of {runs})",
+        ["build", "Nix eval", "Nix realise", "closure + layering", "packing", "(storage I/O)",
+         "documents", "total", "x faster than baseline", "MB packed"],
+        rows,
+    )  # fmt: skip
+    print("\n'packing' is wall time of packing every layer in parallel, storage writes")
+    print("included; '(storage I/O)' is the time inside storage writes, fsync and rename,")
+    print("summed over packing threads. Nix: evaluation, realise (already built), and")
+    print("the closure query; the baseline reuses those Nix times.")
+
+
+def _profile(result: tuple[BuildProfile | None, float]) -> BuildProfile:
+    if result[0] is None:
+        raise RuntimeError("expected a build")
+    return result[0]
+
+
+if __name__ == "__main__":
+    main()
