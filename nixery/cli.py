@@ -368,10 +368,13 @@ def gc(storage_path: str, keep_days: float, grace: float, dry_run: bool) -> None
     from nixery.storage import FilesystemStorage
 
     _setup_logging("info")
+    storage = FilesystemStorage(storage_path, clean_tmp=not dry_run)
     try:
-        report = collect(FilesystemStorage(storage_path), keep_days * 86400, grace, dry_run=dry_run)
+        report = collect(storage, keep_days * 86400, grace, dry_run=dry_run)
     except NixeryError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        storage.close()
     click.echo(report.summary(dry_run))
 
 

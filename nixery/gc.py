@@ -18,7 +18,8 @@ nor served for `keep` seconds (serving marks it used, see
    are removed.
 
 So the blobs of an expired image are freed by the first run at least
-`grace` seconds after it expired.
+`grace` seconds after it expired. With no grace (only safe when no server
+runs) there are no tombstones, and one run frees everything at once.
 """
 
 from __future__ import annotations
@@ -88,13 +89,17 @@ def collect(
         data = storage.get_document(entry.name)
         if data is None:
             continue
-        referenced |= image_references(storage, data)  # kept, or a tombstone now
-        if entry.mtime >= now - keep:
+        expired = entry.mtime < now - keep
+        if not expired or grace > 0:
+            referenced |= image_references(storage, data)  # kept, or a tombstone now
+        if not expired:
             continue
         report.expired_images.append(entry.name)
-        if not dry_run and storage.document_mtime(entry.name) == entry.mtime:
+        if dry_run or storage.document_mtime(entry.name) != entry.mtime:
+            continue
+        if grace > 0:
             storage.put_document(EXPIRED + entry.name, data)
-            storage.delete_document(entry.name)
+        storage.delete_document(entry.name)
 
     for entry in list(storage.list_documents(EXPIRED)):
         if entry.mtime >= now - grace:

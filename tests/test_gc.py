@@ -200,3 +200,18 @@ def test_a_built_image_leaves_no_gc_root(start_server: StartServer, tmp_path: Pa
     assert call(server.host, "GET", "/v2/hello/manifests/latest").status == 200
     assert roots_under(str(scratch)) == []
     assert list(scratch.glob("nixery-roots-*")) == []
+
+
+def test_without_grace_one_run_frees_everything_expired(tmp_path: Path) -> None:
+    """For a stopped server: no tombstones, no waiting."""
+    storage = FilesystemStorage(tmp_path)
+    old = store_image(storage, "old", [b"only-old"])
+    age(storage, 10 * DAY)
+    kept = store_image(storage, "kept", [b"only-kept"])
+    report = collect(storage, keep=7 * DAY, grace=0)
+    assert report.expired_images == ["images/old.json"] and report.dropped_tombstones == []
+    assert {old.layers[0].digest, old.manifests["OCI"].digest} <= set(report.removed_blobs)
+    assert {kept.layers[0].digest, kept.manifests["OCI"].digest} <= blobs(storage)
+    assert not set(report.removed_blobs) & blobs(storage)
+    assert list(storage.list_documents("expired/")) == []
+    storage.close()

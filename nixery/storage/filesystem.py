@@ -101,7 +101,7 @@ class _FileBlobWriter(BlobWriter):
 
 
 class FilesystemStorage(Storage):
-    def __init__(self, root: str | os.PathLike[str], verify: bool = True):
+    def __init__(self, root: str | os.PathLike[str], verify: bool = True, clean_tmp: bool = True):
         self.root = Path(root)
         self.blob_dir = self.root / "blobs" / "sha256"
         self.doc_dir = self.root / "documents"
@@ -117,7 +117,10 @@ class FilesystemStorage(Storage):
         # nothing in tmp/ is ever served: do it without delaying the start.
         self.removed_tmp = 0
         self.cleaned = threading.Event()
-        threading.Thread(target=self._clean_tmp, name="tmp-cleanup", daemon=True).start()
+        if clean_tmp:
+            threading.Thread(target=self._clean_tmp, name="tmp-cleanup", daemon=True).start()
+        else:
+            self.cleaned.set()
 
     # -- temp files -------------------------------------------------------
 
