@@ -22,6 +22,7 @@ from nixery import logs, web
 from nixery.activity import Activity
 from nixery.auth import MAY_BUILD
 from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError
+from nixery.headers import header
 from nixery.health import Health, storage_writable
 from nixery.images import ImageService
 from nixery.manifest import OCI_INDEX, Document, Format, index_document, negotiate
@@ -90,7 +91,7 @@ def _manifest_response(document: Document) -> HTTPResponse:
         "ETag": etag,
         "Content-Length": str(len(document.data)),
     }
-    if etag_matches(request.get_header("If-None-Match", ""), etag):
+    if etag_matches(header(request.environ, "If-None-Match", ""), etag):
         return HTTPResponse(status=304, headers=headers)
     return HTTPResponse(document.data, status=200, headers=headers)
 
@@ -128,11 +129,11 @@ def _blob_response(digest: str, location: BlobLocation, storage: Storage) -> HTT
         return HTTPResponse(status=307, headers={**headers, "Location": location.url})
     etag = f'"{digest}"'
     headers |= {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
-    if etag_matches(request.get_header("If-None-Match", ""), etag):
+    if etag_matches(header(request.environ, "If-None-Match", ""), etag):
         return HTTPResponse(status=304, headers=headers)
     size = location.size
     try:
-        span = byte_range(request.get_header("Range"), size)
+        span = byte_range(header(request.environ, "Range"), size)
     except RegistryError as exc:
         response = error_response(exc)
         response.set_header("Content-Range", f"bytes */{size}")
@@ -252,7 +253,8 @@ def create_app(
     """`plugins` (rate limits, access control) wrap every route inside error rendering."""
     metrics = metrics or Metrics()
     health = health or Health({"storage": storage_writable(storage)})
-    app = Bottle(autojson=False)
+    app = Bottle()
+    app.config["json.enable"] = False
     app.install(_Observer(metrics))
     app.install(_registry_errors)
     for plugin in plugins:
@@ -261,7 +263,7 @@ def create_app(
 
     @app.get("/metrics", name="metrics")
     def metrics_page() -> HTTPResponse:
-        body, content_type = metrics.render(request.get_header("Accept", ""))
+        body, content_type = metrics.render(header(request.environ, "Accept", ""))
         return HTTPResponse(body, headers={"Content-Type": content_type})
 
     # Public even with --auth: probes carry no credentials.
@@ -284,7 +286,7 @@ def create_app(
     @app.get("/v2/<name:path>/manifests/<reference>", name="manifest")
     def manifest(name: str, reference: str) -> HTTPResponse:
         logs.bind(image=name[:255], tag=reference[:128])
-        accept = negotiate([request.get_header("Accept", "")])
+        accept = negotiate([header(request.environ, "Accept", "")])
         may_build = request.environ.get(MAY_BUILD, True)
         return _manifest_response(service.manifest(name, reference, accept, may_build=may_build))
 

@@ -21,7 +21,6 @@ errors they see carry no detail (build logs, package names, paths).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ import jwt
 from bottle import HTTPResponse, Request, request
 
 from nixery.errors import BuildNotAllowed, ConfigError, ErrorCode, NixeryError, RegistryError
+from nixery.headers import header as request_header
 from nixery.names import NAME_RE
 
 log = logging.getLogger(__name__)
@@ -159,13 +159,13 @@ class Htpasswd:
 
 def basic_credentials(req: Request) -> tuple[str, str] | None:
     """The user and password of a Basic `Authorization` header, or None."""
-    header = req.get_header("Authorization", "")
+    header = request_header(req.environ, "Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic":
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # binascii.Error, non-ASCII input
         raise InvalidCredentials("malformed basic credentials") from exc
     user, sep, password = decoded.partition(":")
     if not sep:
@@ -197,7 +197,7 @@ class BasicAuth(Authenticator):
     def identify(self, req: Request) -> Identity:
         creds = basic_credentials(req)
         if creds is None:
-            if req.get_header("Authorization"):
+            if request_header(req.environ, "Authorization"):
                 raise InvalidCredentials("unsupported authorization scheme")
             return ANONYMOUS
         if not self.users.check(*creds):
@@ -271,7 +271,7 @@ class TokenAuth(Authenticator):
         return f"{scheme}://{host}{TOKEN_PATH}"
 
     def identify(self, req: Request) -> Identity:
-        header = req.get_header("Authorization", "")
+        header = request_header(req.environ, "Authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer":
             # Browsers (the front page) and plain clients may use Basic directly.
