@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +251,7 @@ def main() -> None:
 )
 @click.option(
     "--layer-budget",
-    type=click.IntRange(1, 125),
+    type=click.IntRange(1, 124),
     default=94,
     show_default=True,
     envvar="NIXERY_LAYER_BUDGET",
@@ -438,7 +440,7 @@ def check_config(file: str, syntax_only: bool) -> None:
 )
 @click.option("--nix-timeout", type=click.FloatRange(min=1), default=600, show_default=True)
 @click.option("--popularity", envvar="NIX_POPULARITY_URL", help="Popularity JSON file or URL.")
-@click.option("--layer-budget", type=click.IntRange(1, 125), default=94, show_default=True)
+@click.option("--layer-budget", type=click.IntRange(1, 124), default=94, show_default=True)
 @click.option(
     "--overlay",
     "overlays",
@@ -486,6 +488,100 @@ def build(image: str, output: Path, fmt: str, platform_name: str | None, **optio
     finally:
         progress.close()
     click.echo(str(output))
+
+
+@main.command()
+@click.option("--pkgs-path", envvar="NIXERY_PKGS_PATH", help="A Nix file or directory.")
+@click.option("--channel", envvar="NIXERY_CHANNEL", help="A nixpkgs channel name or commit.")
+@click.option("--pkgs-repo", envvar="NIXERY_PKGS_REPO", help="A git repository.")
+@click.option("--flake", envvar="NIXERY_FLAKE", help="A flake with legacyPackages or packages.")
+@click.option(
+    "--default-pkgs-path",
+    envvar="NIXERY_DEFAULT_PKGS_PATH",
+    help="The package set to use when no source is given (default: the channel).",
+)
+@click.option(
+    "--source-cache",
+    default=default_source_cache,
+    show_default="$XDG_CACHE_HOME/nixery-sources",
+    envvar="NIXERY_SOURCE_CACHE",
+)
+@click.option("--tag", default="latest", show_default=True, help="The revision, as image tags say.")
+@click.option(
+    "--platform",
+    "platform_name",
+    default=None,
+    help="linux/amd64 or linux/arm64 (default: the host's).",
+)
+@click.option(
+    "--overlay",
+    "overlays",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="NIXERY_OVERLAYS",
+    help="A nixpkgs overlay file; repeatable.",
+)
+@click.option(
+    "--nix-timeout",
+    type=click.FloatRange(min=1),
+    default=3600,
+    show_default=True,
+    help="Seconds each Nix step (evaluating, one batch of builds) may take.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default="-",
+    show_default=True,
+    help="Where to write the JSON (- for standard output).",
+)
+def popcount(tag: str, platform_name: str | None, output: str, **options: Any) -> None:
+    """Count how many packages of the package set need each store path.
+
+    Writes the popularity JSON that `serve --popularity` reads: for every
+    top-level package that evaluates and builds, each store path name in its
+    runtime closure counts once. Packages that fail are skipped.
+    """
+    from nixery.config import Settings
+    from nixery.popularity import dump_popularity
+    from nixery.popularity import popcount as count
+    from nixery.runtime import make_nix
+    from nixery.sources import Sources
+
+    unused = {"host": "", "port": 0, "storage_backend": "filesystem", "storage_path": "."}
+    unused |= {"layer_budget": 1, "compression_level": 1}
+    try:
+        settings = Settings.from_options(unused | options | {"platforms": platform_name})
+        nix = make_nix(settings)
+        sources = Sources(settings.source, nix, settings.overlays, settings.nix_timeout)
+        source = sources.nix_source(sources.resolve(tag))
+        system = settings.platforms[0].nix_system
+        with _progress("building packages") as progress:
+            counted = count(nix, source, system, settings.overlays, progress)
+    except NixeryError as exc:
+        raise click.ClickException(_explain(exc)) from exc
+    with click.open_file(output, "w", atomic=output != "-") as out:
+        out.write(dump_popularity(counted.popularity))
+    skipped = f"; skipped {', '.join(counted.skipped)}" if counted.skipped else ""
+    click.echo(
+        f"counted {counted.packages} packages, {len(counted.popularity)} names{skipped}", err=True
+    )
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback that draws a bar on stderr once the total is known."""
+    with ExitStack() as stack:
+        bars: list[Any] = []
+
+        def update(done: int, total: int) -> None:
+            if not bars:
+                bar = click.progressbar(length=total, label=label, file=sys.stderr)
+                bars.append(stack.enter_context(bar))
+            bars[0].update(done - bars[0].pos)
+
+        yield update
 
 
 def _explain(exc: NixeryError) -> str:

@@ -54,6 +54,7 @@ from nixery.manifest import (
     referenced_digests,
 )
 from nixery.names import (
+    ALWAYS_INCLUDED,
     ImageRequest,
     image_component,
     is_digest,
@@ -569,7 +570,7 @@ class ImageService:
             realised = time.perf_counter()
             graph = self.nix.closure(outs)
             self._check_size(graph)
-            groups = group_layers(graph, self.popularity, self.settings.layer_budget)
+            groups = self.group(graph, packages)
             grouped = time.perf_counter()
             self._phase(build, "packing", total=len(groups) + 1)
             jobs: list[Callable[[], _LayerResult]] = [
@@ -645,6 +646,14 @@ class ImageService:
         finally:
             for future in futures:
                 future.cancel()  # after a failure: skip what has not started
+
+    def group(self, graph: ClosureGraph, packages: Sequence[ResolvedPackage]) -> list[LayerGroup]:
+        """Split the closure into package layers (the root layer comes on top)."""
+        # Packages in every image rank as the most popular, whatever they are called.
+        everywhere = {p.out for p in packages if p.attr_path in ALWAYS_INCLUDED}
+        return group_layers(
+            graph, self.popularity, self.settings.layer_budget, most_popular=everywhere
+        )
 
     def _store_layer(self, group: LayerGroup) -> _LayerResult:
         key = f"layers/{_key(FORMAT_VERSION, group.paths, self._encoding())}.json"

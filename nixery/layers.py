@@ -1,24 +1,45 @@
 """Grouping an image's closure into layers that other images can share.
 
-The closure graph gets a synthetic root with an edge to every requested
-package. Store paths that are popular or big also get an edge from the root,
-so that they cannot be dominated by anything else and become layers of their
-own. In the dominator tree of that graph, each child of the root together
-with everything it dominates is one candidate layer: a path dominated by a
-child is only reachable through it, so it can ship with it without ever
-being needed by an image that lacks the child.
+A client downloads a layer once and reuses it in every image that has a
+layer with the same digest, so store paths that many images need should sit
+in layers whose content does not depend on what else an image contains, and
+an image may have at most `budget` such layers.
 
-While there are more candidates than the budget allows, the two with the
-lowest merge rating (popularity of the layer's root path times the layer's
-size) are merged: rarely shared, small layers lose least by merging. Layers
-are finally ordered by rating, highest first, because clients reuse layers
-only after an unchanged prefix of the layer list.
+1. The closure graph gets a synthetic root with an edge to every requested
+   package; every store path has an edge to each of its references.
+2. Store paths that are popular (popularity at or above a threshold) or big
+   (their closure is larger than a threshold) also get an edge from the
+   root, so nothing else can dominate them.
+3. In the dominator tree of that graph, each child of the root together with
+   everything it dominates is one candidate layer: a path dominated by a
+   child is only reachable through it, so it ships with it without ever
+   being needed by an image that lacks the child.
+4. Layers are split further: a path more popular than the root of its
+   layer is wanted by images that lack that root, so it gets an edge from
+   the root too (most popular first, as each split changes what the others
+   are dominated by). Small package sets, whose counts never reach the
+   threshold, get their shared libraries into layers of their own this way.
+5. Over budget, the largest candidates stay whole and the rest are pooled by
+   popularity band (powers of two; the least popular bands are joined until
+   `POOLS` pools remain). A merged layer is reused only by images that
+   happen to produce exactly the same merge, which is rare, so the bytes at
+   stake are the bytes pooled: pooling the smallest candidates keeps them
+   few, and pooling by a band that does not depend on the image makes the
+   pools of widely shared paths come out the same in many images. Splitting
+   in step 4 regardless of the budget helps here too: the candidates are
+   then the same units in every image, whatever its budget pressure.
+6. Layers are ordered by merge rating (popularity of the layer's root times
+   its size), highest first, because some clients reuse layers only after
+   an unchanged prefix of the layer list.
+
+Steps 1-3 and 6 are the classic popularity-aware layering, which instead of
+4 and 5 merges the two layers with the lowest merge rating until in budget;
+`benchmarks/layering.py` measures both against one layer per store path.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,79 +49,166 @@ if TYPE_CHECKING:
     import networkx as nx
 
 ROOT = "<root>"
+# Package layers per image: 125 is the usual limit, and the root file system
+# layer plus room for users extending the image come on top.
 DEFAULT_BUDGET = 94
 POPULARITY_THRESHOLD = 100
-BIG_CLOSURE_BYTES = 100 * 1024 * 1024
+BIG_CLOSURE_BYTES = 100 * 1000 * 1000
+# Pools of small candidates per image when over budget (see step 5).
+POOLS = 3
 
 
 @dataclass(frozen=True)
 class LayerGroup:
     paths: tuple[str, ...]  # sorted store paths
     size: int  # sum of NAR sizes
-    rating: int
+    rating: int  # popularity times size; higher comes first
 
-    def merge(self, other: LayerGroup) -> LayerGroup:
-        return LayerGroup(
-            tuple(sorted(self.paths + other.paths)),
-            self.size + other.size,
-            self.rating + other.rating,
-        )
+
+def path_popularity(
+    graph: ClosureGraph,
+    popularity: Mapping[str, int],
+    most_popular: Collection[str] = (),
+    popularity_threshold: int = POPULARITY_THRESHOLD,
+) -> dict[str, int]:
+    """Every path's popularity: its name's count (at least 1); the paths in
+    `most_popular` (in every image) rank above everything else."""
+    top = max([popularity_threshold - 1, *popularity.values()]) + 1
+    return {
+        path: top if path in most_popular else max(popularity.get(info.name, 0), 1)
+        for path, info in graph.paths.items()
+    }
 
 
 def group_layers(
     graph: ClosureGraph,
     popularity: Mapping[str, int],
     budget: int = DEFAULT_BUDGET,
+    *,
+    most_popular: Collection[str] = (),
     popularity_threshold: int = POPULARITY_THRESHOLD,
-    big_closure: int = BIG_CLOSURE_BYTES,
+    big_closure_bytes: int = BIG_CLOSURE_BYTES,
 ) -> list[LayerGroup]:
     """Split `graph` into at most `budget` layers, most shareable first."""
-    # Imported on first use: networkx is a third of the server's start-up time.
-    import networkx as nx
-
     if budget < 1:
         raise ValueError("the layer budget must be at least 1")
-    g = _dependency_graph(graph)
-    closure_sizes = {p: graph.total_size(nx.descendants(g, p) | {p}) for p in graph.paths}
-    for path, info in graph.paths.items():
-        if (
-            popularity.get(info.name, 0) >= popularity_threshold
-            or closure_sizes[path] > big_closure
-        ):
-            g.add_edge(ROOT, path)
-
-    dominators = nx.immediate_dominators(g, ROOT)
-    tree = nx.DiGraph((idom, node) for node, idom in dominators.items() if node != idom)
-    candidates = []
-    for top in sorted(tree.successors(ROOT)):
-        members = tuple(sorted({top} | nx.descendants(tree, top)))
-        size = graph.total_size(members)
-        rating = max(popularity.get(graph.paths[top].name, 0), 1) * size
-        candidates.append(LayerGroup(members, size, rating))
-    return _order(_merge_to_budget(candidates, budget))
+    pops = path_popularity(graph, popularity, most_popular, popularity_threshold)
+    g = dependency_graph(graph)
+    popular = {p for p in graph.paths if pops[p] >= popularity_threshold}
+    split = set(graph.roots) | popular | big_closures(graph, g, big_closure_bytes)
+    tops = _split_shared(g, split, dominator_layers(g, split), pops)
+    return order_layers(_pool(graph, tops, pops, budget))
 
 
-def _dependency_graph(graph: ClosureGraph) -> nx.DiGraph:
+def dependency_graph(graph: ClosureGraph) -> nx.DiGraph:
+    """Store paths with an edge to each reference, and ROOT to the roots."""
+    # Imported on first use: networkx is a third of the server's start-up time.
     import networkx as nx
 
     g = nx.DiGraph()
     g.add_node(ROOT)
-    g.add_nodes_from(graph.paths)
+    g.add_nodes_from(sorted(graph.paths))
     g.add_edges_from((ROOT, r) for r in graph.roots)
-    g.add_edges_from((p.path, ref) for p in graph.paths.values() for ref in p.references)
+    g.add_edges_from(
+        (p.path, ref) for p in graph.paths.values() for ref in p.references if ref != p.path
+    )
     return g
 
 
-def _merge_to_budget(layers: list[LayerGroup], budget: int) -> list[LayerGroup]:
-    heap = [(layer.rating, layer.paths, layer) for layer in layers]
-    heapq.heapify(heap)
-    while len(heap) > budget:
-        _, _, a = heapq.heappop(heap)
-        _, _, b = heapq.heappop(heap)
-        merged = a.merge(b)
-        heapq.heappush(heap, (merged.rating, merged.paths, merged))
-    return [entry[2] for entry in heap]
+def big_closures(graph: ClosureGraph, g: nx.DiGraph, threshold: int) -> set[str]:
+    """Paths whose runtime closure is larger than `threshold` bytes."""
+    import networkx as nx
+
+    if graph.total_size() <= threshold:
+        return set()  # no closure can be bigger than the whole image
+    return {p for p in graph.paths if graph.total_size(nx.descendants(g, p) | {p}) > threshold}
 
 
-def _order(layers: list[LayerGroup]) -> list[LayerGroup]:
+def dominator_layers(g: nx.DiGraph, split: Collection[str]) -> dict[str, set[str]]:
+    """Children of ROOT in the dominator tree once ROOT also points at every
+    path in `split`, each with the paths it dominates."""
+    import networkx as nx
+
+    added = [(ROOT, p) for p in split if not g.has_edge(ROOT, p)]
+    g.add_edges_from(added)  # for this computation only: copying g costs more
+    try:
+        idom = nx.immediate_dominators(g, ROOT)
+    finally:
+        g.remove_edges_from(added)
+    top: dict[str, str] = {}
+
+    def top_of(node: str) -> str:
+        chain = []
+        while node not in top and idom[node] != ROOT:
+            chain.append(node)
+            node = idom[node]
+        found = top.get(node, node)
+        for n in chain:
+            top[n] = found
+        top[node] = found
+        return found
+
+    layers: dict[str, set[str]] = {}
+    for node in sorted(idom):
+        if node != ROOT:
+            layers.setdefault(top_of(node), set()).add(node)
+    return layers
+
+
+def _split_shared(
+    g: nx.DiGraph, split: set[str], tops: dict[str, set[str]], pops: Mapping[str, int]
+) -> dict[str, set[str]]:
+    """Give paths more popular than their layer's root layers of their own."""
+    split = set(split)
+    levels = sorted({pops[p] for p in g if p != ROOT and p not in split}, reverse=True)
+    for level in levels:
+        wanted = {
+            p
+            for top, members in tops.items()
+            for p in members
+            if pops[p] == level and p != top and level > pops[top]
+        }
+        if wanted:
+            split |= wanted
+            tops = dominator_layers(g, split)
+    return tops
+
+
+def _pool(
+    graph: ClosureGraph, tops: Mapping[str, set[str]], pops: Mapping[str, int], budget: int
+) -> list[LayerGroup]:
+    """Keep the largest candidates whole; pool the rest by popularity band."""
+    units = sorted(
+        ((graph.total_size(members), tuple(sorted(members)), top) for top, members in tops.items()),
+        key=lambda unit: (-unit[0], unit[1]),
+    )
+    if len(units) <= budget:
+        keep = len(units)
+    else:
+        keep = budget - min(POOLS, budget - 1) if budget > 1 else 0
+        # Fewer bands than pools among the rest leave room to keep more.
+        while keep < len(units) and keep + 1 + _band_count(units[keep + 1 :], pops) <= budget:
+            keep += 1
+    layers = [LayerGroup(paths, size, pops[top] * size) for size, paths, top in units[:keep]]
+    bands: dict[int, list[tuple[int, tuple[str, ...], str]]] = {}
+    for unit in units[keep:]:
+        bands.setdefault(pops[unit[2]].bit_length(), []).append(unit)
+    pools = [bands[band] for band in sorted(bands, reverse=True)]
+    while len(layers) + len(pools) > budget:
+        last = pools.pop()
+        pools[-1] = pools[-1] + last  # join the two least popular bands
+    for pool in pools:
+        paths = tuple(sorted(p for _, members, _ in pool for p in members))
+        size = sum(size for size, _, _ in pool)
+        top = max(pool, key=lambda unit: (pops[unit[2]], unit[0], unit[1]))[2]
+        layers.append(LayerGroup(paths, size, pops[top] * size))
+    return layers
+
+
+def _band_count(units: list[tuple[int, tuple[str, ...], str]], pops: Mapping[str, int]) -> int:
+    return min(POOLS, len({pops[top].bit_length() for _, _, top in units}))
+
+
+def order_layers(layers: Iterable[LayerGroup]) -> list[LayerGroup]:
+    """Highest rating first; ties in path order, so the result is stable."""
     return sorted(layers, key=lambda layer: (-layer.rating, layer.paths))

@@ -32,8 +32,13 @@ from nixery.graph import ClosureGraph, parse_registration
 LOG_TAIL_LINES = 30
 FLAKES = ["--extra-experimental-features", "nix-command flakes"]
 
+# Store paths per command line when a command takes many (well below ARG_MAX).
+PATHS_PER_CALL = 500
+
 # Receives Nix's stderr line by line while a command runs.
 LogListener = Callable[[str], None]
+# Told (packages done, packages in total) while a package set is built.
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,15 @@ class PackageInfo:
     attr_path: str
     version: str | None
     description: str | None
+
+
+@dataclass(frozen=True)
+class PackageSetClosure:
+    """The runtime closures of a package set's top-level packages."""
+
+    graph: ClosureGraph  # roots: the output of every package that was built
+    packages: Mapping[str, str]  # attribute -> output path, for those
+    skipped: tuple[str, ...]  # attributes whose output could not be built
 
 
 @dataclass(frozen=True)
@@ -213,11 +227,58 @@ class Nix:
 
     def closure(self, roots: Sequence[str]) -> ClosureGraph:
         """The runtime closure of `roots` with references and NAR sizes."""
-        requisites = self._run(
-            ["nix-store", "--query", "--requisites", *roots], "querying the closure"
-        ).stdout.split()
-        dump = self._run(["nix-store", "--dump-db", *requisites], "reading path info").stdout
-        return ClosureGraph(tuple(sorted(set(roots))), parse_registration(dump))
+        requisites: set[str] = set()
+        for some in _chunks(sorted(set(roots))):
+            argv = ["nix-store", "--query", "--requisites", *some]
+            requisites.update(self._run(argv, "querying the closure").stdout.split())
+        paths = {}
+        for some in _chunks(sorted(requisites)):
+            dump = self._run(["nix-store", "--dump-db", *some], "reading path info").stdout
+            paths.update(parse_registration(dump))
+        return ClosureGraph(tuple(sorted(set(roots))), paths)
+
+    def package_set_closure(
+        self,
+        source: NixSource,
+        system: str,
+        overlays: Sequence[str] = (),
+        progress: Progress | None = None,
+        batch: int = 16,
+    ) -> PackageSetClosure:
+        """Build every top-level package that evaluates and read the runtime
+        closures of those that built; failures are skipped, not fatal."""
+        args: dict[str, Any] = {"system": system, "overlays": list(overlays), "packages": []}
+        attributes = self._evaluate(source, {**args, "listAttributes": True})["attributes"]
+        listed = self._evaluate(source, {**args, "packages": attributes})["packages"]
+        by_out: dict[str, list[str]] = {}
+        installable: dict[str, str] = {}
+        for p in listed:
+            by_out.setdefault(p["out"], []).append(p["attrPath"])
+            installable.setdefault(p["out"], f"{p['drv']}!{p['output']}")
+        outs = sorted(by_out)
+        # Roots keep what was built from a concurrent garbage collection.
+        with temporary_roots() as roots:
+            for done in range(0, len(outs), batch):
+                argv = ["nix-store", "--realise", "--keep-going"]
+                argv += ["--add-root", os.path.join(roots, f"batch{done}"), *self._options()]
+                argv += [installable[o] for o in outs[done : done + batch]]
+                try:
+                    self._run(argv, "building packages")
+                except BuildFailed:
+                    pass  # what did build is found below
+                if progress:
+                    progress(min(done + batch, len(outs)), len(outs))
+            invalid: set[str] = set()
+            for some in _chunks(outs):
+                argv = ["nix-store", "--check-validity", "--print-invalid", *some]
+                invalid.update(self._run(argv, "checking built packages").stdout.split())
+            built = [o for o in outs if o not in invalid]
+            graph = self.closure(built)
+        return PackageSetClosure(
+            graph,
+            {attr: o for o in built for attr in by_out[o]},
+            tuple(sorted(attr for o in invalid for attr in by_out[o])),
+        )
 
     def fetch_tarball(self, url: str, timeout: float | None = None) -> str:
         """Download and unpack a tarball with one top directory into the store; its path."""
@@ -263,6 +324,11 @@ def temporary_roots() -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _chunks(items: Sequence[str], size: int = PATHS_PER_CALL) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _tail(stderr: str) -> str:

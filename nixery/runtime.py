@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from bottle import Bottle
@@ -18,6 +19,8 @@ from nixery.popularity import load_popularity
 from nixery.ratelimit import RateLimit
 from nixery.sources import Sources
 from nixery.storage import FilesystemStorage, Storage
+
+log = logging.getLogger(__name__)
 
 
 def make_storage(settings: Settings) -> Storage:
@@ -48,6 +51,8 @@ def make_service(
     settings: Settings, events: BuildEvents | None = None, storage: Storage | None = None
 ) -> ImageService:
     popularity = load_popularity(settings.popularity) if settings.popularity else {}
+    if settings.popularity:
+        log.info("popularity data for %d names from %s", len(popularity), settings.popularity)
     build = BuildSettings(
         layer_budget=settings.layer_budget,
         compression_level=settings.compression_level,

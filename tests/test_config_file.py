@@ -85,7 +85,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     result = check_config(path)
     assert result.exit_code == 1
     assert "Invalid value for '--port': 70000 is not in the range 0<=x<=65535" in result.output
-    assert "Invalid value for '--layer-budget': 0 is not in the range 1<=x<=125" in result.output
+    assert "Invalid value for '--layer-budget': 0 is not in the range 1<=x<=124" in result.output
     assert "'tape' is not 'filesystem'" in result.output or "'tape' is not one of" in (
         result.output
     )

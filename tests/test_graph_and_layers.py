@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from nixery.graph import ClosureGraph, StorePath, parse_registration, store_path_name
-from nixery.layers import group_layers
+from nixery.layers import LayerGroup, group_layers, path_popularity
 
 S = "/nix/store/"
 
@@ -36,6 +36,14 @@ def test_closure_must_be_closed() -> None:
         graph({"a-x": ["b-y"]}, ["a-x"])
 
 
+def paths_of(layers: list[LayerGroup]) -> list[tuple[str, ...]]:
+    return sorted(layer.paths for layer in layers)
+
+
+def names(*ns: str) -> tuple[str, ...]:
+    return tuple(sorted(S + n for n in ns))
+
+
 def test_diamond_shared_dependency_is_its_own_layer() -> None:
     # Two requested apps reach glibc through different libraries, so glibc is
     # dominated only by the root and becomes a layer of its own.
@@ -44,41 +52,157 @@ def test_diamond_shared_dependency_is_its_own_layer() -> None:
         "5-tool": ["3-libb"], "3-libb": ["4-glibc"], "4-glibc": [],
     }  # fmt: skip
     layers = group_layers(graph(edges, ["1-app", "5-tool"]), {}, budget=10)
-    assert sorted(layer.paths for layer in layers) == [
-        (S + "1-app", S + "2-liba"),
-        (S + "3-libb", S + "5-tool"),
-        (S + "4-glibc",),
+    assert paths_of(layers) == [
+        names("1-app", "2-liba"),
+        names("3-libb", "5-tool"),
+        names("4-glibc"),
     ]
 
 
-def test_single_root_dominates_everything() -> None:
-    edges = {
-        "1-app": ["2-liba", "3-libb"],
-        "2-liba": ["4-glibc"],
-        "3-libb": ["4-glibc"],
-        "4-glibc": [],
-    }
+def test_diamond_under_one_root_is_one_layer() -> None:
+    edges = {"1-app": ["2-liba", "3-libb"], "2-liba": ["4-glibc"], "3-libb": ["4-glibc"]}
+    edges["4-glibc"] = []
     layers = group_layers(graph(edges, ["1-app"]), {}, budget=10)
-    assert [layer.paths for layer in layers] == [tuple(sorted(S + n for n in edges))]
+    assert paths_of(layers) == [names(*edges)]
 
 
-def test_every_path_in_exactly_one_layer_and_budget_respected() -> None:
-    edges = {f"{i}-p": [f"{j}-p" for j in range(i + 1, min(i + 3, 30))] for i in range(30)}
-    g = graph(edges, ["0-p", "5-p", "10-p"])
-    for budget in range(1, 8):
-        layers = group_layers(g, {"20-p": 1000}, budget=budget)
-        assert 1 <= len(layers) <= budget
-        members = [p for layer in layers for p in layer.paths]
-        assert sorted(members) == sorted(g.paths)
+def test_shared_deep_dependency_takes_what_only_it_reaches() -> None:
+    # Both apps need zlib deep down their chains; zlib's own dependency on the
+    # C library is reached only through it, so the two travel together.
+    edges = {
+        "a-app": ["b-liba"], "b-liba": ["c-libc2"], "c-libc2": ["z-zlib"],
+        "d-tool": ["e-libd"], "e-libd": ["z-zlib"],
+        "z-zlib": ["g-glibc"], "g-glibc": [],
+    }  # fmt: skip
+    layers = group_layers(graph(edges, ["a-app", "d-tool"]), {}, budget=10)
+    assert paths_of(layers) == [
+        names("a-app", "b-liba", "c-libc2"),
+        names("d-tool", "e-libd"),
+        names("g-glibc", "z-zlib"),
+    ]
 
 
-def test_popular_paths_become_layers_and_come_first() -> None:
-    g = graph({"1-app": ["2-glibc"], "2-glibc": []}, ["1-app"], {"glibc": 10})
-    layers = group_layers(g, {"glibc": 1000}, budget=10)
-    assert layers[0].paths == (S + "2-glibc",)
+def test_popular_and_big_paths_get_their_own_layers() -> None:
+    edges = {"1-app": ["2-glibc", "3-big"], "2-glibc": [], "3-big": ["4-dep"], "4-dep": []}
+    g = graph(edges, ["1-app"], {"3-big": 80, "4-dep": 30})
+    # Dominated by the app, but popular: an edge from the root splits it off.
+    layers = group_layers(g, {"glibc": 100}, budget=10, big_closure_bytes=10**9)
+    assert paths_of(layers) == [names("1-app", "3-big", "4-dep"), names("2-glibc")]
+    # Closure of 3-big is 110 bytes: over the threshold, it becomes a layer
+    # with the dependency only it reaches; the app's closure counts too.
+    layers = group_layers(g, {"glibc": 99}, budget=10, big_closure_bytes=109)
+    assert paths_of(layers) == [names("1-app"), names("2-glibc"), names("3-big", "4-dep")]
+    # The threshold is a parameter; an equally popular app keeps step 4 out.
+    counts = {"glibc": 100, "app": 100}
+    layers = group_layers(g, counts, budget=10, popularity_threshold=101)
+    assert paths_of(layers) == [names(*edges)]
+    layers = group_layers(g, counts, budget=10, popularity_threshold=100)
+    assert paths_of(layers) == [names("1-app", "3-big", "4-dep"), names("2-glibc")]
 
 
-def test_grouping_is_stable() -> None:
-    edges = {f"{i}-p": [f"{j}-p" for j in range(i + 1, min(i + 4, 40))] for i in range(40)}
-    g = graph(edges, ["0-p", "7-p"])
-    assert group_layers(g, {"9-p": 500}, 3) == group_layers(g, {"9-p": 500}, 3)
+def test_paths_more_popular_than_their_layer_are_split_off() -> None:
+    edges = {"1-app": ["2-libssl"], "2-libssl": ["3-zlib"], "3-zlib": []}
+    g = graph(edges, ["1-app"], {"1-app": 300, "2-libssl": 200, "3-zlib": 100})
+    popularity = {"libssl": 5, "zlib": 9, "app": 1}
+    assert paths_of(group_layers(g, popularity, budget=3)) == [
+        names("1-app"), names("2-libssl"), names("3-zlib")
+    ]  # fmt: skip
+    # The split does not depend on the budget: over it, the largest layer
+    # stays whole and the others are pooled.
+    assert paths_of(group_layers(g, popularity, budget=2)) == [
+        names("1-app"), names("2-libssl", "3-zlib")
+    ]  # fmt: skip
+    # No counts: nothing is known to be shared, so the layer stays whole.
+    assert paths_of(group_layers(g, {}, budget=3)) == [names(*edges)]
+    # Equally popular: whoever needs the library also needs the app.
+    assert paths_of(group_layers(g, {"app": 4, "libssl": 4, "zlib": 4}, budget=3)) == [
+        names(*edges)
+    ]
+    # Only zlib is more popular than the app; libssl stays with the app.
+    assert paths_of(group_layers(g, {"app": 4, "libssl": 4, "zlib": 5}, budget=3)) == [
+        names("1-app", "2-libssl"), names("3-zlib")
+    ]  # fmt: skip
+
+
+def test_every_budget_from_one_to_beyond_the_candidates() -> None:
+    # Ten requested apps with private chains, each also using a shared lib.
+    edges: dict[str, list[str]] = {"s-shared": []}
+    for i in range(10):
+        edges[f"a{i}-app{i}"] = [f"b{i}-lib{i}", "s-shared"]
+        edges[f"b{i}-lib{i}"] = []
+    roots = [f"a{i}-app{i}" for i in range(10)]
+    sizes = {f"a{i}-app{i}": 1000 * (i + 1) for i in range(10)}
+    g = graph(edges, roots, sizes)
+    popularity = {f"app{i}": 2**i for i in range(10)} | {"shared": 5000}
+    unlimited = group_layers(g, popularity, budget=100)
+    assert len(unlimited) == 11
+    for budget in range(1, 14):
+        layers = group_layers(g, popularity, budget=budget)
+        assert len(layers) == min(budget, 11)
+        assert sorted(p for layer in layers for p in layer.paths) == sorted(g.paths)
+        assert all(layer.size == g.total_size(layer.paths) for layer in layers)
+        if budget >= 11:
+            assert paths_of(layers) == paths_of(unlimited)
+        else:
+            # The largest candidates stay whole; the rest are pooled.
+            whole = sorted(unlimited, key=lambda layer: -layer.size)[: max(budget - 3, 0)]
+            assert {layer.paths for layer in whole} <= {layer.paths for layer in layers}
+
+
+def test_pools_follow_popularity_bands() -> None:
+    # Twelve small apps; popularity bands are powers of two: 1, 2-3, 4-7, 8-15.
+    edges = {f"{i:02d}-app{i}": [] for i in range(1, 13)}
+    g = graph(edges, list(edges), {f"{i:02d}-app{i}": 100 + i for i in range(1, 13)})
+    popularity = {f"app{i}": i for i in range(1, 13)}
+    layers = group_layers(g, popularity, budget=6)
+    assert len(layers) == 6
+    kept = [layer.paths for layer in layers if len(layer.paths) == 1]
+    assert kept == [names("12-app12"), names("11-app11"), names("10-app10")]
+    pools = sorted((layer.paths for layer in layers if len(layer.paths) > 1), key=len)
+    # The three largest stay whole; of four bands left, the two least popular
+    # are joined to fit three pools.
+    assert pools == [
+        names("08-app8", "09-app9"),
+        names("01-app1", "02-app2", "03-app3"),
+        names("04-app4", "05-app5", "06-app6", "07-app7"),
+    ]
+
+
+def test_layers_are_ordered_by_rating_highest_first() -> None:
+    edges = {"1-app": [], "2-lib": [], "3-tool": []}
+    g = graph(edges, list(edges), {"1-app": 10, "2-lib": 1000, "3-tool": 10})
+    layers = group_layers(g, {"app": 50, "lib": 1, "tool": 50}, budget=10)
+    assert [layer.paths for layer in layers] == [names("2-lib"), names("1-app"), names("3-tool")]
+    assert [layer.rating for layer in layers] == [1000, 500, 500]
+
+
+def test_packages_in_every_image_rank_most_popular() -> None:
+    edges = {"1-app": ["2-glibc"], "2-glibc": [], "3-nss-cacert": [], "4-iana-etc": []}
+    g = graph(edges, ["1-app", "3-nss-cacert", "4-iana-etc"])
+    everywhere = {S + "3-nss-cacert", S + "4-iana-etc"}
+    layers = group_layers(g, {"glibc": 700}, budget=10, most_popular=everywhere)
+    assert [layer.paths for layer in layers[:2]] == [names("3-nss-cacert"), names("4-iana-etc")]
+    assert layers[2].paths == names("2-glibc")
+    assert path_popularity(g, {"glibc": 700}, everywhere)[S + "3-nss-cacert"] == 701
+
+
+def test_grouping_is_stable_under_input_order() -> None:
+    edges = {f"{i:02d}-p": [f"{j:02d}-p" for j in range(i + 1, min(i + 4, 40))] for i in range(40)}
+    popularity = {"p": 1} | {f"{i:02d}": i for i in range(40)}
+    g = graph(edges, ["00-p", "07-p", "21-p"], {f"{i:02d}-p": 10 + i % 7 for i in range(40)})
+    shuffled = ClosureGraph(
+        tuple(reversed(g.roots)),
+        {
+            p: StorePath(p, info.nar_size, tuple(reversed(info.references)))
+            for p, info in reversed(list(g.paths.items()))
+        },
+    )
+    for budget in (1, 3, 8, 94):
+        first = group_layers(g, popularity, budget)
+        assert first == group_layers(shuffled, popularity, budget)
+        assert first == group_layers(g, dict(reversed(popularity.items())), budget)
+
+
+def test_budget_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        group_layers(graph({"1-a": []}, ["1-a"]), {}, budget=0)
