@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery.archive import write_store_layer
+from nixery.archive import GZIP, Compression, Output, write_store_layer
 from nixery.graph import ClosureGraph, StorePath
 from nixery.images import BuildSettings, ImageService
 from nixery.layers import group_layers, path_popularity
@@ -52,7 +52,7 @@ def digests(graph: ClosureGraph, popularity: Popularity, budget: int) -> list[st
     out = []
     for group in group_layers(graph, popularity, budget):
         sink = Digest()
-        write_store_layer(group.paths, sink)
+        write_store_layer(group.paths, [Output(Compression(GZIP, 1), sink)])
         out.append(sink.hash.hexdigest())
     return out
 
