@@ -36,6 +36,79 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
+def _source_options(command: Any) -> Any:
+    """Where the package set comes from; shared by every command that builds."""
+    options = [
+        click.option(
+            "--pkgs-path",
+            envvar=["NIXERY_PKGS_PATH"],
+            help="A Nix file or directory with the package set.",
+        ),
+        click.option(
+            "--channel",
+            envvar=["NIXERY_CHANNEL"],
+            help="A nixpkgs channel name or commit (default nixos-unstable).",
+        ),
+        click.option(
+            "--pkgs-repo",
+            envvar=["NIXERY_PKGS_REPO"],
+            help="A git repository with the package set.",
+        ),
+        click.option(
+            "--default-pkgs-path",
+            envvar="NIXERY_DEFAULT_PKGS_PATH",
+            help="The package set to use when no source is configured (default: the channel).",
+        ),
+        click.option(
+            "--flake",
+            envvar="NIXERY_FLAKE",
+            help="A flake whose legacyPackages or packages are the package set.",
+        ),
+        click.option(
+            "--channel-url",
+            envvar="NIXERY_CHANNEL_URL",
+            help="Tarball URL template for a nixpkgs commit ({rev}); default: GitHub's archive.",
+        ),
+        click.option(
+            "--channel-revision-url",
+            envvar="NIXERY_CHANNEL_REVISION_URL",
+            help="URL template of a channel's git-revision file ({channel}).",
+        ),
+        click.option(
+            "--channel-ttl",
+            type=click.FloatRange(min=0),
+            default=600,
+            show_default=True,
+            envvar="NIXERY_CHANNEL_TTL",
+            help="Seconds a resolved channel, branch, flake or local path is trusted.",
+        ),
+        click.option(
+            "--allow-tag-versions",
+            is_flag=True,
+            envvar="NIXERY_ALLOW_TAG_VERSIONS",
+            help="Channel mode: tags may name another channel or a nixpkgs commit.",
+        ),
+        click.option(
+            "--source-cache",
+            default=default_source_cache,
+            show_default="$XDG_CACHE_HOME/nixery-sources",
+            envvar="NIXERY_SOURCE_CACHE",
+            help="Directory for git mirrors and GC roots of fetched package sets.",
+        ),
+        click.option(
+            "--overlay",
+            "overlays",
+            multiple=True,
+            type=click.Path(exists=True, dir_okay=False),
+            envvar="NIXERY_OVERLAYS",
+            help="A nixpkgs overlay file; repeatable.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _scale_out_options(command: Any) -> Any:
     """Options for object storage and remote builders."""
     options = [
@@ -171,58 +244,7 @@ def main() -> None:
     show_default=True,
     envvar=["PORT", "NIXERY_PORT"],
 )
-@click.option(
-    "--pkgs-path", envvar=["NIXERY_PKGS_PATH"], help="A Nix file or directory with the package set."
-)
-@click.option(
-    "--channel",
-    envvar=["NIXERY_CHANNEL"],
-    help="A nixpkgs channel name or commit (default nixos-unstable).",
-)
-@click.option(
-    "--pkgs-repo", envvar=["NIXERY_PKGS_REPO"], help="A git repository with the package set."
-)
-@click.option(
-    "--default-pkgs-path",
-    envvar="NIXERY_DEFAULT_PKGS_PATH",
-    help="The package set to use when no source is configured (default: the channel).",
-)
-@click.option(
-    "--flake",
-    envvar="NIXERY_FLAKE",
-    help="A flake whose legacyPackages or packages are the package set.",
-)
-@click.option(
-    "--channel-url",
-    envvar="NIXERY_CHANNEL_URL",
-    help="Tarball URL template for a nixpkgs commit ({rev}); default: GitHub's archive.",
-)
-@click.option(
-    "--channel-revision-url",
-    envvar="NIXERY_CHANNEL_REVISION_URL",
-    help="URL template of a channel's git-revision file ({channel}).",
-)
-@click.option(
-    "--channel-ttl",
-    type=click.FloatRange(min=0),
-    default=600,
-    show_default=True,
-    envvar="NIXERY_CHANNEL_TTL",
-    help="Seconds a resolved channel, branch, flake or local path is trusted.",
-)
-@click.option(
-    "--allow-tag-versions",
-    is_flag=True,
-    envvar="NIXERY_ALLOW_TAG_VERSIONS",
-    help="Channel mode: tags may name another channel or a nixpkgs commit.",
-)
-@click.option(
-    "--source-cache",
-    default=default_source_cache,
-    show_default="$XDG_CACHE_HOME/nixery-sources",
-    envvar="NIXERY_SOURCE_CACHE",
-    help="Directory for git mirrors and GC roots of fetched package sets.",
-)
+@_source_options
 @click.option(
     "--storage-backend",
     type=click.Choice(["filesystem", "s3"]),
@@ -261,14 +283,6 @@ def main() -> None:
     default=None,
     envvar="NIXERY_PLATFORMS",
     help="Comma-separated platforms to build, e.g. linux/amd64,linux/arm64 (default: host).",
-)
-@click.option(
-    "--overlay",
-    "overlays",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="NIXERY_OVERLAYS",
-    help="A nixpkgs overlay file; repeatable.",
 )
 @click.option(
     "--compression-level",
@@ -417,14 +431,7 @@ def check_config(file: str, syntax_only: bool) -> None:
     help="oci: an OCI image layout directory; oci-archive and docker-archive: a tar file"
     " for podman load or docker load.",
 )
-@click.option("--pkgs-path", envvar="NIXERY_PKGS_PATH", help="A Nix file or directory.")
-@click.option("--channel", envvar="NIXERY_CHANNEL", help="A nixpkgs channel name or commit.")
-@click.option("--pkgs-repo", envvar="NIXERY_PKGS_REPO", help="A git repository.")
-@click.option(
-    "--default-pkgs-path",
-    envvar="NIXERY_DEFAULT_PKGS_PATH",
-    help="The package set to use when no source is given (default: the channel).",
-)
+@_source_options
 @click.option(
     "--storage-path",
     default=default_storage_path,
@@ -441,13 +448,6 @@ def check_config(file: str, syntax_only: bool) -> None:
 @click.option("--nix-timeout", type=click.FloatRange(min=1), default=600, show_default=True)
 @click.option("--popularity", envvar="NIX_POPULARITY_URL", help="Popularity JSON file or URL.")
 @click.option("--layer-budget", type=click.IntRange(1, 124), default=94, show_default=True)
-@click.option(
-    "--overlay",
-    "overlays",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="A nixpkgs overlay file; repeatable.",
-)
 @click.option("--compression-level", type=click.IntRange(0, 3), default=1, show_default=True)
 @click.option(
     "--log-level",
@@ -491,35 +491,13 @@ def build(image: str, output: Path, fmt: str, platform_name: str | None, **optio
 
 
 @main.command()
-@click.option("--pkgs-path", envvar="NIXERY_PKGS_PATH", help="A Nix file or directory.")
-@click.option("--channel", envvar="NIXERY_CHANNEL", help="A nixpkgs channel name or commit.")
-@click.option("--pkgs-repo", envvar="NIXERY_PKGS_REPO", help="A git repository.")
-@click.option("--flake", envvar="NIXERY_FLAKE", help="A flake with legacyPackages or packages.")
-@click.option(
-    "--default-pkgs-path",
-    envvar="NIXERY_DEFAULT_PKGS_PATH",
-    help="The package set to use when no source is given (default: the channel).",
-)
-@click.option(
-    "--source-cache",
-    default=default_source_cache,
-    show_default="$XDG_CACHE_HOME/nixery-sources",
-    envvar="NIXERY_SOURCE_CACHE",
-)
+@_source_options
 @click.option("--tag", default="latest", show_default=True, help="The revision, as image tags say.")
 @click.option(
     "--platform",
     "platform_name",
     default=None,
     help="linux/amd64 or linux/arm64 (default: the host's).",
-)
-@click.option(
-    "--overlay",
-    "overlays",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    envvar="NIXERY_OVERLAYS",
-    help="A nixpkgs overlay file; repeatable.",
 )
 @click.option(
     "--nix-timeout",
