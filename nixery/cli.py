@@ -36,6 +36,13 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
+def _apply(command: Any, options: list[Any]) -> Any:
+    """Decorate `command` with `options`, listed in the order --help shows them."""
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _source_options(command: Any) -> Any:
     """Where the package set comes from; shared by every command that builds."""
     options = [
@@ -104,9 +111,7 @@ def _source_options(command: Any) -> Any:
             help="A nixpkgs overlay file; repeatable.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _apply(command, options)
 
 
 def _scale_out_options(command: Any) -> Any:
@@ -153,9 +158,7 @@ def _scale_out_options(command: Any) -> Any:
             help="Nix remote builders, passed to Nix as its 'builders' setting.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _apply(command, options)
 
 
 def _security_options(command: Any) -> Any:
@@ -215,9 +218,7 @@ def _security_options(command: Any) -> Any:
             help="Requests a client may send at once before the rate limit applies.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _apply(command, options)
 
 
 @click.group()
