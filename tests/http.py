@@ -42,3 +42,19 @@ def call(
         return Reply(resp.status, resp.headers, resp.read())
     finally:
         conn.close()
+
+
+def raw_status_line(host: str, payload: bytes, timeout: float = 60) -> bytes:
+    """Send raw bytes to `host` and return the first line of the answer."""
+    import socket
+
+    address, port = host.rsplit(":", 1)
+    with socket.create_connection((address, int(port)), timeout=timeout) as sock:
+        sock.sendall(payload)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import ssl
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ import pytest
 
 from nixery.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import Server, StartServer
-from tests.http import Headers, Reply, call
+from tests.http import Headers, Reply, call, raw_status_line
 from tests.test_registry_api import CLIENT_ACCEPTS
 
 pytestmark = pytest.mark.e2e
@@ -322,17 +321,8 @@ def test_tls_client_hello_gets_an_http_status_line(server: Server) -> None:
         tls.do_handshake()
     hello = outgoing.read()
     assert hello[:1] == b"\x16"  # a TLS handshake record
-    host, port = server.host.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(hello)
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = sock.recv(256)
-            if not chunk:
-                break
-            answer += chunk
-    status_line = answer.split(b"\r\n", 1)[0]
-    assert status_line.startswith(b"HTTP/1.") and status_line.split()[1] == b"400", answer[:80]
+    status_line = raw_status_line(server.host, hello, timeout=10)
+    assert status_line.startswith(b"HTTP/1.") and status_line.split()[1] == b"400", status_line
 
 
 def test_every_response_is_tagged_and_errors_are_json(server: Server) -> None:
