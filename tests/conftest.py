@@ -72,6 +72,50 @@ class Server:
 StartServer = Callable[..., Server]
 
 
+def launch_server(
+    base: Path, *args: str, env: dict[str, str] | None = None, storage: Path | None = None
+) -> Server:
+    """Start `nixery serve` on a free port (HTTPS with --tls-cert) and wait until it listens.
+
+    Without a package source among `args`, it serves the fixture package set.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    storage = storage or base / "storage"
+    port = free_port()
+    log = base / f"server-{port}.log"
+    argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--storage-path", str(storage), *args]  # fmt: skip
+    sources = ("--pkgs-path", "--default-pkgs-path", "--channel", "--pkgs-repo", "--flake")
+    if not any(a in args for a in sources):
+        argv += ["--pkgs-path", str(FIXTURE_PKGS)]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    server = Server(proc, f"127.0.0.1:{port}", storage, log)
+    try:
+        if "--tls-cert" in args:
+            _wait_for_port(port)
+        else:
+            wait_for(server.url + "/v2/")
+    except OSError:
+        server.stop()
+        raise RuntimeError("server did not start:\n" + server.log_text()) from None
+    return server
+
+
+def _wait_for_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class ServerPool:
     """Starts `nixery serve` processes and stops them all at the end."""
 
@@ -82,26 +126,10 @@ class ServerPool:
     def start(
         self, *args: str, storage: Path | None = None, env: dict[str, str] | None = None
     ) -> Server:
-        base = self.tmp_path_factory.mktemp("server")
-        storage = storage or base / "storage"
-        port = free_port()
-        log = base / "server.log"
-        argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--storage-path", str(storage), *args]  # fmt: skip
-        sources = ("--pkgs-path", "--default-pkgs-path", "--channel", "--pkgs-repo", "--flake")
-        if not any(a in args for a in sources):
-            argv += ["--pkgs-path", str(FIXTURE_PKGS)]
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-        server = Server(proc, f"127.0.0.1:{port}", storage, log)
+        server = launch_server(
+            self.tmp_path_factory.mktemp("server"), *args, env=env, storage=storage
+        )
         self.servers.append(server)
-        try:
-            wait_for(server.url + "/v2/")
-        except OSError:
-            server.stop()
-            raise RuntimeError("server did not start:\n" + server.log_text()) from None
         return server
 
     def stop_all(self) -> None:

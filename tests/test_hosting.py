@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from nixery.ratelimit import TokenBuckets
-from tests.attack import launch_server, raw_request, self_signed_certificate
+from tests.attack import raw_request, self_signed_certificate
 from tests.clients import run
-from tests.conftest import Server, StartServer, require
+from tests.conftest import Server, StartServer, launch_server, require
 from tests.http import call
 
 pytestmark = pytest.mark.e2e
