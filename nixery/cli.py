@@ -114,6 +114,33 @@ def _source_options(command: Any) -> Any:
     return _apply(command, options)
 
 
+def _layering_options(command: Any) -> Any:
+    """How layers are grouped and compressed; shared by `serve` and `build`."""
+    options = [
+        click.option(
+            "--popularity",
+            envvar=["NIX_POPULARITY_URL", "NIXERY_POPULARITY"],
+            help="Popularity JSON file or URL.",
+        ),
+        click.option(
+            "--layer-budget",
+            type=click.IntRange(1, 124),
+            default=94,
+            show_default=True,
+            envvar="NIXERY_LAYER_BUDGET",
+        ),
+        click.option(
+            "--compression-level",
+            type=click.IntRange(0, 3),
+            default=1,
+            show_default=True,
+            envvar="NIXERY_COMPRESSION_LEVEL",
+            help="gzip (ISA-L) level.",
+        ),
+    ]
+    return _apply(command, options)
+
+
 def _scale_out_options(command: Any) -> Any:
     """Options for object storage and remote builders."""
     options = [
@@ -267,31 +294,12 @@ def main() -> None:
     envvar=["NIX_TIMEOUT", "NIXERY_NIX_TIMEOUT"],
     help="Seconds a Nix step may take.",
 )
-@click.option(
-    "--popularity",
-    envvar=["NIX_POPULARITY_URL", "NIXERY_POPULARITY"],
-    help="Popularity JSON file or URL.",
-)
-@click.option(
-    "--layer-budget",
-    type=click.IntRange(1, 124),
-    default=94,
-    show_default=True,
-    envvar="NIXERY_LAYER_BUDGET",
-)
+@_layering_options
 @click.option(
     "--platforms",
     default=None,
     envvar="NIXERY_PLATFORMS",
     help="Comma-separated platforms to build, e.g. linux/amd64,linux/arm64 (default: host).",
-)
-@click.option(
-    "--compression-level",
-    type=click.IntRange(0, 3),
-    default=1,
-    show_default=True,
-    envvar="NIXERY_COMPRESSION_LEVEL",
-    help="gzip (ISA-L) level.",
 )
 @_scale_out_options
 @click.option(
@@ -447,9 +455,7 @@ def check_config(file: str, syntax_only: bool) -> None:
     help="linux/amd64 or linux/arm64 (default: the host's, or arm64 if the name says so).",
 )
 @click.option("--nix-timeout", type=click.FloatRange(min=1), default=600, show_default=True)
-@click.option("--popularity", envvar="NIX_POPULARITY_URL", help="Popularity JSON file or URL.")
-@click.option("--layer-budget", type=click.IntRange(1, 124), default=94, show_default=True)
-@click.option("--compression-level", type=click.IntRange(0, 3), default=1, show_default=True)
+@_layering_options
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
