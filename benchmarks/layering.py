@@ -16,9 +16,13 @@ Two kinds of corpus:
 Each corpus is laid out by: ours (`nixery.layers.group_layers`), the
 classic algorithm (baseline.py), one layer per image, and one layer per
 store path (the ideal for sharing, which ignores the budget). The synthetic
-corpora also show an oracle that knows every image of the corpus in advance
-and groups paths needed by exactly the same images (a reference point, not
-an algorithm a registry could run).
+corpora also show two reference points that are not algorithms a registry
+could run: "known" groups paths needed by the same requestable packages, as
+if every possible request had been seen; the oracle knows every image of
+the corpus in advance and groups paths needed by exactly the same images.
+At the default budget they also report the budget's pressure: how many
+paths lie beyond each image's largest, their share of its bytes, and how
+many groups of always-together paths they form.
 
     .venv/bin/python benchmarks/layering.py [--budgets 94,8,4] [--skip-fixture]
 
@@ -37,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,22 +216,24 @@ def lay_out(corpus: Corpus, layering: Layering, budget: int) -> list[Pull]:
     return pulls
 
 
-def oracle(corpus: Corpus, budget: int) -> int:
-    """Bytes if layers were paths needed by exactly the same images of the
-    corpus (known in advance), the most valuable `budget - 1` groups kept."""
-    needed_by: dict[str, set[int]] = defaultdict(set)
-    for i, (_, graph) in enumerate(corpus.images):
-        for p in graph.paths:
-            needed_by[p].add(i)
+def grouped_total(
+    corpus: Corpus,
+    budget: int,
+    needed_by: Mapping[str, frozenset[object]],
+    value: Callable[[int, int], float],
+) -> int:
+    """Bytes downloaded if each image's layers were its paths grouped by who
+    needs them, the `budget - 1` groups of highest `value(size, needers)`
+    kept whole and the rest in one layer."""
     have: set[tuple[str, ...]] = set()
     total = 0
     for _, graph in corpus.images:
-        groups: dict[frozenset[int], list[str]] = defaultdict(list)
+        groups: dict[frozenset[object], list[str]] = defaultdict(list)
         for p in graph.paths:
-            groups[frozenset(needed_by[p])].append(p)
+            groups[needed_by[p]].append(p)
         ranked = sorted(
             groups.items(),
-            key=lambda kv: (-graph.total_size(kv[1]) * (len(kv[0]) - 1), sorted(kv[1])),
+            key=lambda kv: (-value(graph.total_size(kv[1]), len(kv[0])), sorted(kv[1])),
         )
         keep = max(budget - 1, 0) if len(ranked) > budget else len(ranked)
         layers = [tuple(sorted(paths)) for _, paths in ranked[:keep]]
@@ -238,6 +244,72 @@ def oracle(corpus: Corpus, budget: int) -> int:
                 have.add(layer)
                 total += graph.total_size(layer)
     return total
+
+
+def oracle(corpus: Corpus, budget: int) -> int:
+    """Paths grouped by the images of the corpus that need them (known in
+    advance); a group's value is the bytes the other images reuse."""
+    needed_by: dict[str, set[object]] = defaultdict(set)
+    for i, (_, graph) in enumerate(corpus.images):
+        for p in graph.paths:
+            needed_by[p].add(i)
+    frozen = {p: frozenset(images) for p, images in needed_by.items()}
+    return grouped_total(corpus, budget, frozen, lambda size, images: size * (images - 1))
+
+
+def all_requests_known(corpus: Corpus, budget: int) -> int:
+    """Paths grouped by the requestable packages that need them: what a
+    registry could do had it seen every possible request (not which ones a
+    client will make); largest groups kept whole."""
+    needed_by: dict[str, set[object]] = defaultdict(set)
+    for root, closure in corpus.requestable.items():
+        for p in closure:
+            needed_by[p].add(root)
+    frozen = {p: frozenset(roots) for p, roots in needed_by.items()}
+    return grouped_total(corpus, budget, frozen, lambda size, _: size)
+
+
+@dataclass
+class Pressure:
+    """What the budget forces on one image: the paths beyond its `budget - 1`
+    largest have to share layers, and they fall into `classes` groups of
+    paths that always come together (same set of requestable packages
+    needing them), so a layout keeps them apart only with that many layers."""
+
+    crowded: int  # paths beyond the largest budget - 1
+    share: float  # their part of the image's bytes
+    classes: int
+
+
+def budget_pressure(corpus: Corpus, budget: int) -> list[Pressure]:
+    needed_by: dict[str, set[str]] = defaultdict(set)
+    for root, closure in corpus.requestable.items():
+        for p in closure:
+            needed_by[p].add(root)
+    rows = []
+    for _, graph in corpus.images:
+        by_size = sorted(graph.paths, key=lambda p: (-graph.paths[p].nar_size, p))
+        crowded = by_size[max(budget - 1, 0) :]
+        classes = {frozenset(needed_by[p]) for p in crowded}
+        share = graph.total_size(crowded) / graph.total_size()
+        rows.append(Pressure(len(crowded), share, len(classes)))
+    return rows
+
+
+def print_pressure(corpus: Corpus, budget: int) -> None:
+    rows = budget_pressure(corpus, budget)
+
+    def spread(values: list[float], fmt: str) -> str:
+        values = sorted(values)
+        return " / ".join(format(v, fmt) for v in (values[0], values[len(values) // 2], values[-1]))
+
+    print(f"\n{corpus.name}, budget {budget}: beyond each image's {budget - 1} largest paths")
+    print(f"  paths (min / median / max):                {spread([r.crowded for r in rows], 'd')}")
+    print(f"  share of the image's bytes:                {spread([r.share for r in rows], '.3f')}")
+    print(
+        "  groups that always come together, knowing\n"
+        f"  every package an image may request:        {spread([r.classes for r in rows], 'd')}"
+    )
 
 
 # -- reporting -----------------------------------------------------------------
@@ -280,6 +352,7 @@ class Summary:
     totals: dict[str, int]
     max_layers: dict[str, int]
     oracle: int | None = None
+    known: int | None = None  # all_requests_known
 
 
 def summarize(corpus: str, budget: int, runs: dict[str, list[Pull]], extra: int) -> Summary:
@@ -292,25 +365,31 @@ def print_summary(rows: list[Summary]) -> bool:
     print("\nSummary: total bytes relative to one layer per store path (the ideal)")
     head = (
         f"{'corpus':30} {'budget':>6} {'ideal MB':>9} {'ours':>7} {'baseline':>8} "
-        f"{'per image':>9} {'oracle':>7} {'ours vs base':>12} {'max layers ours/base':>21}"
+        f"{'per image':>9} {'known':>7} {'oracle':>7} {'ours vs base':>12} "
+        f"{'max layers ours/base':>21}"
     )
     print(head)
     print("-" * len(head))
     ok = True
     for r in rows:
         ideal = r.totals["ideal"]
-        oracle_ratio = f"{r.oracle / ideal:7.3f}" if r.oracle is not None else f"{'-':>7}"
+        references = " ".join(
+            f"{total / ideal:7.3f}" if total is not None else f"{'-':>7}"
+            for total in (r.known, r.oracle)
+        )
         within = r.max_layers["ours"] <= r.budget and r.max_layers["baseline"] <= r.budget
         ok &= within
         print(
             f"{r.corpus[:30]:30} {r.budget:6} {ideal / 1e6:9.1f} "
             f"{r.totals['ours'] / ideal:7.3f} {r.totals['baseline'] / ideal:8.3f} "
-            f"{r.totals['per image'] / ideal:9.3f} {oracle_ratio} "
+            f"{r.totals['per image'] / ideal:9.3f} {references} "
             f"{r.totals['ours'] / r.totals['baseline']:12.3f} "
             f"{r.max_layers['ours']:>10}/{r.max_layers['baseline']:<10}"
             + ("" if within else "  OVER BUDGET")
         )
     print("(max layers are package layers; the fixture images have one root layer on top)")
+    print("(known: grouped by the requestable packages needing each path, as if every possible")
+    print(" request had been seen; oracle: grouped by the corpus images needing each path)")
     return ok
 
 
@@ -347,8 +426,10 @@ def run_synthetic(budgets: list[int], seeds: list[int], verbose: bool) -> list[S
             runs.update(fixed)
             if verbose or budget == DEFAULT_BUDGET:
                 per_image_table(corpus.name, budget, runs, show_seconds=True)
+                print_pressure(corpus, budget)
             row = summarize(corpus.name, budget, runs, extra=0)
             row.oracle = oracle(corpus, budget)
+            row.known = all_requests_known(corpus, budget)
             rows.append(row)
     return rows
 

@@ -75,7 +75,7 @@ def _get(conn: http.client.HTTPConnection, path: str, accept: str | None) -> int
 
 def pull(conn: http.client.HTTPConnection, image: Image, result: Result) -> None:
     started = time.monotonic()
-    paths = [(f"/v2/{image.name}/manifests/{image.manifest}", OCI)]
+    paths: list[tuple[str, str | None]] = [(f"/v2/{image.name}/manifests/{image.manifest}", OCI)]
     paths += [(f"/v2/{image.name}/blobs/{blob}", None) for blob in image.blobs]
     for path, accept in paths:
         t = time.monotonic()

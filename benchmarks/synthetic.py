@@ -27,6 +27,9 @@ class Corpus:
     images: list[tuple[str, ClosureGraph]]  # image name, closure
     popularity: Popularity
     most_popular: frozenset[str]  # store paths of packages every image has
+    # Every package an image may request, with its closure: what a registry
+    # would know if it had already seen every possible request.
+    requestable: dict[str, frozenset[str]]
 
 
 class _Universe:
@@ -125,4 +128,7 @@ def nixpkgs_like(seed: int, images: int = 24, chain: float = 0.6, sigma: float =
         if len(graph.paths) < 300:
             continue
         corpus.append(("/".join(sorted(p.split("-", 1)[1] for p in roots[:-2])), graph))
-    return Corpus(f"synthetic seed {seed}", corpus, popularity, frozenset((cacert, iana)))
+    requestable = {r: frozenset(u.graph([r]).paths) for r in [*apps, *shell, cacert, iana]}
+    return Corpus(
+        f"synthetic seed {seed}", corpus, popularity, frozenset((cacert, iana)), requestable
+    )

@@ -20,6 +20,11 @@ class Reply:
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
 
+    def require_header(self, name: str) -> str:
+        value = self.headers.get(name)
+        assert value is not None, f"no {name} header"
+        return value
+
     def error_codes(self) -> list[str]:
         return [e["code"] for e in self.json()["errors"]]
 

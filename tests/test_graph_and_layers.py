@@ -151,7 +151,7 @@ def test_every_budget_from_one_to_beyond_the_candidates() -> None:
 
 def test_pools_follow_popularity_bands() -> None:
     # Twelve small apps; popularity bands are powers of two: 1, 2-3, 4-7, 8-15.
-    edges = {f"{i:02d}-app{i}": [] for i in range(1, 13)}
+    edges: dict[str, list[str]] = {f"{i:02d}-app{i}": [] for i in range(1, 13)}
     g = graph(edges, list(edges), {f"{i:02d}-app{i}": 100 + i for i in range(1, 13)})
     popularity = {f"app{i}": i for i in range(1, 13)}
     layers = group_layers(g, popularity, budget=6)
@@ -169,7 +169,7 @@ def test_pools_follow_popularity_bands() -> None:
 
 
 def test_layers_are_ordered_by_rating_highest_first() -> None:
-    edges = {"1-app": [], "2-lib": [], "3-tool": []}
+    edges: dict[str, list[str]] = {"1-app": [], "2-lib": [], "3-tool": []}
     g = graph(edges, list(edges), {"1-app": 10, "2-lib": 1000, "3-tool": 10})
     layers = group_layers(g, {"app": 50, "lib": 1, "tool": 50}, budget=10)
     assert [layer.paths for layer in layers] == [names("2-lib"), names("1-app"), names("3-tool")]

@@ -37,7 +37,7 @@ def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 120) -
 def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     reply = call(server.host, "GET", "/metrics")
     assert reply.status == 200
-    assert reply.header("Content-Type").startswith("text/plain")
+    assert reply.require_header("Content-Type").startswith("text/plain")
     samples = {}
     for family in text_string_to_metric_families(reply.body.decode()):
         for s in family.samples:

@@ -54,7 +54,7 @@ def assert_error(reply: Reply, status: int, code: str) -> None:
     assert reply.status == status, reply.body
     assert reply.header("Docker-Distribution-API-Version") == "registry/2.0"
     if reply.body:  # HEAD answers carry no body
-        assert reply.header("Content-Type").startswith("application/json")
+        assert reply.require_header("Content-Type").startswith("application/json")
         assert reply.error_codes() == [code]
 
 
@@ -99,8 +99,8 @@ def test_manifest_get_and_head_agree(
 
 def test_if_none_match_answers_304(server: Server, tagged: dict[str | None, Reply]) -> None:
     first = tagged[OCI_INDEX]
-    etag = first.header("ETag")
-    digest = first.header("Docker-Content-Digest")
+    etag = first.require_header("ETag")
+    digest = first.require_header("Docker-Content-Digest")
     cases = [("latest", "GET", etag), ("latest", "HEAD", "*")]
     cases += [(digest, m, v) for m in ("GET", "HEAD") for v in (etag, f'"x", W/{etag}', "*")]
     for ref, method, value in cases:

@@ -187,6 +187,6 @@ def test_bad_input_gets_a_page_not_a_crash(server: Server) -> None:
     assert call(server.host, "GET", "/images/..%2F..%2Fetc").status == 404
     assert call(server.host, "GET", "/static/../app.py").status in (403, 404)
     css = call(server.host, "GET", "/static/style.css")
-    assert css.status == 200 and css.header("Content-Type").startswith("text/css")
+    assert css.status == 200 and css.require_header("Content-Type").startswith("text/css")
     page = call(server.host, "GET", "/")
-    assert "script-src 'self'" in page.header("Content-Security-Policy")
+    assert "script-src 'self'" in page.require_header("Content-Security-Policy")
