@@ -334,6 +334,15 @@ def main() -> None:
     help="Further images that may wait for a build; beyond that: 429 with Retry-After.",
 )
 @click.option(
+    "--max-waiting",
+    type=click.IntRange(min=1),
+    default=48,
+    show_default=True,
+    envvar="NIXERY_MAX_WAITING",
+    help="Requests that may wait for builds at once; beyond that: 429 with Retry-After. "
+    "The server keeps further threads for everything else (cached images, blobs, probes).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -353,6 +362,7 @@ def serve(**options: Any) -> None:
     """Serve images over the registry protocol."""
     from nixery.config import Settings
     from nixery.runtime import build_app
+    from nixery.server import RESERVED_THREADS
     from nixery.server import serve as run_server
 
     _setup_logging(options["log_level"], options["log_format"])
@@ -361,7 +371,8 @@ def serve(**options: Any) -> None:
         app = build_app(settings)
     except NixeryError as exc:
         raise click.ClickException(str(exc)) from exc
-    run_server(app, settings.host, settings.port, tls=settings.security.tls)
+    threads = settings.max_waiting + RESERVED_THREADS
+    run_server(app, settings.host, settings.port, threads, tls=settings.security.tls)
 
 
 @main.command()

@@ -114,6 +114,7 @@ class Settings:
     zstd_level: int = 3
     max_builds: int = field(default_factory=host_cores)
     max_queue: int = 16
+    max_waiting: int = 48
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -146,6 +147,7 @@ class Settings:
             zstd_level=int(options.get("zstd_level") or 3),
             max_builds=int(options.get("max_builds") or host_cores()),
             max_queue=int(options.get("max_queue", 16)),
+            max_waiting=int(options.get("max_waiting", 48)),
         )
 
 

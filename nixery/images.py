@@ -77,6 +77,8 @@ FORMAT_VERSION = "1"
 # Larger blobs are never read as manifests (the spec's suggested manifest limit).
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 16
+# Requests that may wait for builds at once: each holds a server thread.
+DEFAULT_MAX_WAITING = 48
 DEFAULT_RETRY_AFTER = 5  # seconds, before any build has been timed
 
 
@@ -97,6 +99,7 @@ class BuildSettings:
     pack_workers: int = field(default_factory=lambda: 2 * host_cores())
     max_builds: int = field(default_factory=host_cores)  # images built at once
     max_queue: int = DEFAULT_MAX_QUEUE  # more images waiting for a build slot
+    max_waiting: int = DEFAULT_MAX_WAITING  # requests waiting for builds at once
 
     def outputs(self) -> tuple[Compression, ...]:
         """The encodings every layer is stored in; gzip always comes first."""
@@ -346,8 +349,20 @@ class ImageService:
     def _wait(self, futures: Sequence[Future[BuiltImage]]) -> list[BuiltImage]:
         if all(f.done() for f in futures):
             return [f.result() for f in futures]
-        with self._asking.held():
+        # A waiting request holds a server thread; past the limit it is
+        # refused, so threads stay free for cached images, blobs and health
+        # checks. Its build goes on, and the retry finds the image stored.
+        if not self._asking.enter(self.settings.max_waiting):
+            raise RegistryError(
+                ErrorCode.TOOMANYREQUESTS,
+                {"waiting": self.settings.max_waiting},
+                "too many requests are waiting for builds, retry later",
+                headers={"Retry-After": str(self._retry_after())},
+            )
+        try:
             return [f.result() for f in futures]
+        finally:
+            self._asking.leave()
 
     def _image_future(
         self,
@@ -728,13 +743,23 @@ class _Count:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        with self._lock:
-            self.value += 1
+        self.enter()
         try:
             yield
         finally:
-            with self._lock:
-                self.value -= 1
+            self.leave()
+
+    def enter(self, limit: int | None = None) -> bool:
+        """Count one more caller, unless `limit` callers are already inside."""
+        with self._lock:
+            if limit is not None and self.value >= limit:
+                return False
+            self.value += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.value -= 1
 
 
 def _history(paths: Sequence[str]) -> str:

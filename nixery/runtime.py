@@ -64,6 +64,7 @@ def make_service(
         zstd_level=settings.zstd_level,
         max_builds=settings.max_builds,
         max_queue=settings.max_queue,
+        max_waiting=settings.max_waiting,
     )
     nix = make_nix(settings)
     return ImageService(

@@ -35,6 +35,9 @@ from cheroot.ssl.builtin import BuiltinSSLAdapter
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 32
+# Threads beyond those requests waiting for builds may hold (`--max-waiting`),
+# so cached images, blobs and health checks are answered during long builds.
+RESERVED_THREADS = 16
 SOCKET_TIMEOUT = 30
 HEAD_TIMEOUT = 10
 LISTEN_BACKLOG = 1024  # cheroot's default of 5 drops bursts of new connections

@@ -196,6 +196,42 @@ def test_beyond_the_queue_clients_get_429_with_retry_after(
     assert get_manifest(server, "slowc").status == 200
 
 
+def builds_queued(server: Server) -> float:
+    metrics = call(server.host, "GET", "/metrics").body.decode()
+    found = re.search(r"^nixery_builds_queued (\S+)$", metrics, re.MULTILINE)
+    assert found, metrics
+    return float(found.group(1))
+
+
+def test_past_max_waiting_requests_get_429_and_the_build_goes_on(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    overlay = slow_overlay(tmp_path, 6, "slowwait")
+    server = start_server("--overlay", str(overlay), "--max-waiting", "2")
+    assert get_manifest(server, "hello").status == 200
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(get_manifest, server, "slowwait") for _ in range(2)]
+        deadline = time.monotonic() + TIMEOUT
+        while builds_queued(server) < 1:  # the second request is inside too
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.05)
+        for name in ("slowwait", "slowwait/hello"):
+            refused = get_manifest(server, name)
+            assert refused.status == 429, refused.body
+            assert refused.error_codes() == ["TOOMANYREQUESTS"]
+            assert int(refused.require_header("Retry-After")) >= 1
+        # Whatever does not wait for a build is still answered.
+        assert get_manifest(server, "hello").status == 200
+        assert call(server.host, "GET", "/v2/").status == 200
+        assert [f.result().status for f in waiting] == [200, 200]
+    # The refused new image was started before its request was turned away:
+    # its build went on, so the retry finds it stored.
+    wait_for_log(server, r"built slowwait/hello for ")
+    assert get_manifest(server, "slowwait/hello").status == 200
+    assert builds_of(server, "slowwait") == 1
+    assert builds_of(server, "slowwait/hello") == 1
+
+
 def test_a_build_finishes_and_is_cached_after_its_client_left(
     start_server: StartServer, tmp_path: Path
 ) -> None:
