@@ -141,8 +141,28 @@ def _layering_options(command: Any) -> Any:
     return _apply(command, options)
 
 
-def _scale_out_options(command: Any) -> Any:
-    """Options for object storage and remote builders."""
+def _storage_options(command: Any) -> Any:
+    """Which storage backend; shared by `serve` and `gc` (the S3 options come apart)."""
+    options = [
+        click.option(
+            "--storage-backend",
+            type=click.Choice(["filesystem", "s3"]),
+            default="filesystem",
+            show_default=True,
+            envvar=["NIXERY_STORAGE_BACKEND"],
+        ),
+        click.option(
+            "--storage-path",
+            default=default_storage_path,
+            show_default="$XDG_CACHE_HOME/nixery",
+            envvar=["STORAGE_PATH", "NIXERY_STORAGE_PATH"],
+        ),
+    ]
+    return _apply(command, options)
+
+
+def _s3_options(command: Any) -> Any:
+    """Where the S3 backend's bucket is; shared by `serve` and `gc`."""
     options = [
         click.option("--s3-bucket", envvar="NIXERY_S3_BUCKET", help="S3 bucket (s3 backend)."),
         click.option("--s3-prefix", envvar="NIXERY_S3_PREFIX", help="Key prefix in the bucket."),
@@ -158,6 +178,14 @@ def _scale_out_options(command: Any) -> Any:
             envvar="NIXERY_S3_PATH_STYLE",
             help="Address the bucket in the URL path instead of the host name.",
         ),
+    ]
+    return _apply(command, options)
+
+
+def _scale_out_options(command: Any) -> Any:
+    """Options for object storage and remote builders."""
+    options = [
+        _s3_options,
         click.option(
             "--s3-redirect",
             type=click.Choice(["on", "off"]),
@@ -273,19 +301,7 @@ def main() -> None:
     envvar=["PORT", "NIXERY_PORT"],
 )
 @_source_options
-@click.option(
-    "--storage-backend",
-    type=click.Choice(["filesystem", "s3"]),
-    default="filesystem",
-    show_default=True,
-    envvar=["NIXERY_STORAGE_BACKEND"],
-)
-@click.option(
-    "--storage-path",
-    default=default_storage_path,
-    show_default="$XDG_CACHE_HOME/nixery",
-    envvar=["STORAGE_PATH", "NIXERY_STORAGE_PATH"],
-)
+@_storage_options
 @click.option(
     "--nix-timeout",
     type=click.FloatRange(min=1),
@@ -376,12 +392,8 @@ def serve(**options: Any) -> None:
 
 
 @main.command()
-@click.option(
-    "--storage-path",
-    default=default_storage_path,
-    show_default="$XDG_CACHE_HOME/nixery",
-    envvar=["STORAGE_PATH", "NIXERY_STORAGE_PATH"],
-)
+@_storage_options
+@_s3_options
 @click.option(
     "--keep-days",
     type=click.FloatRange(min=0),
@@ -398,19 +410,22 @@ def serve(**options: Any) -> None:
     help="Seconds a new or expired entry is kept, so builds and pulls in progress finish.",
 )
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-def gc(storage_path: str, keep_days: float, grace: float, dry_run: bool) -> None:
+def gc(keep_days: float, grace: float, dry_run: bool, **options: Any) -> None:
     """Remove expired images and the blobs no kept image references."""
+    from nixery.config import s3_settings
     from nixery.gc import collect
-    from nixery.storage import FilesystemStorage
+    from nixery.runtime import open_storage
 
     _setup_logging("info")
-    storage = FilesystemStorage(storage_path, clean_tmp=not dry_run)
     try:
-        report = collect(storage, keep_days * 86400, grace, dry_run=dry_run)
+        s3 = s3_settings(options)
+        storage = open_storage(s3, options["storage_path"], clean_tmp=not dry_run)
+        try:
+            report = collect(storage, keep_days * 86400, grace, dry_run=dry_run)
+        finally:
+            storage.close()
     except NixeryError as exc:
         raise click.ClickException(str(exc)) from exc
-    finally:
-        storage.close()
     click.echo(report.summary(dry_run))
 
 

@@ -46,6 +46,7 @@ class GcReport:
     dropped_tombstones: list[str] = field(default_factory=list)
     removed_blobs: list[str] = field(default_factory=list)
     removed_layer_documents: list[str] = field(default_factory=list)
+    removed_marks: int = 0  # use marks left behind by an entry removed meanwhile
     freed_bytes: int = 0
     kept_blobs: int = 0
     kept_bytes: int = 0
@@ -133,5 +134,7 @@ def collect(
             if not dry_run:
                 storage.delete_document(entry.name)
 
+    if not dry_run:
+        report.removed_marks = storage.remove_orphan_marks(now - grace)
     log.info("gc: %s", report.summary(dry_run))
     return report

@@ -10,7 +10,7 @@ from bottle import Bottle
 from nixery.activity import Activity, BuildEvents, Fanout
 from nixery.app import create_app
 from nixery.auth import make_access_control
-from nixery.config import Settings
+from nixery.config import S3Settings, Settings
 from nixery.health import Health, storage_writable
 from nixery.images import BuildSettings, ImageService
 from nixery.metrics import Metrics
@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 
 
 def make_storage(settings: Settings) -> Storage:
-    if settings.s3 is not None:
+    return open_storage(settings.s3, settings.storage_path)
+
+
+def open_storage(s3: S3Settings | None, storage_path: str, clean_tmp: bool = True) -> Storage:
+    """The S3 backend if `s3` is set, else the directory `storage_path`."""
+    if s3 is not None:
         # Imported here: boto3 is needed only by those who use it.
         from nixery.storage.s3 import S3Storage
 
-        s3 = settings.s3
         return S3Storage(
             s3.bucket,
             prefix=s3.prefix,
@@ -39,7 +43,7 @@ def make_storage(settings: Settings) -> Storage:
             presign_expiry=s3.presign_expiry,
             public_base_url=s3.blob_base_url,
         )
-    return FilesystemStorage(settings.storage_path)
+    return FilesystemStorage(storage_path, clean_tmp=clean_tmp)
 
 
 def make_nix(settings: Settings) -> Nix:

@@ -12,6 +12,9 @@ from typing import BinaryIO
 
 from nixery.errors import NixeryError
 
+# Marking an entry used records it at most this often (per process for S3).
+MARK_INTERVAL = 600
+
 SHA256_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 KEY = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*")
 
@@ -147,6 +150,10 @@ class Storage(ABC):
         """
         return None
 
+    def close(self) -> None:
+        """Release what this process holds in the storage; nothing by default."""
+        return None
+
     # -- garbage collection (optional per backend) --------------------------
 
     def list_blobs(self) -> Iterator[Entry]:
@@ -163,3 +170,9 @@ class Storage(ABC):
 
     def document_mtime(self, key: str) -> float | None:
         raise StorageError(f"{type(self).__name__} does not support garbage collection")
+
+    def remove_orphan_marks(self, before: float) -> int:
+        """Remove use marks made before `before` whose entry the last listings
+        did not find (a mark can race with the removal of what it marks);
+        return how many. Backends that keep marks apart from entries override it."""
+        return 0

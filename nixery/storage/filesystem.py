@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from nixery.singleflight import SingleFlight
 from nixery.storage.base import (
+    MARK_INTERVAL,
     BlobLocation,
     BlobWriter,
     Entry,
@@ -44,8 +45,6 @@ from nixery.storage.base import (
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
-# Marking an entry used rewrites its mtime at most this often.
-MARK_INTERVAL = 600
 STALE_CLAIM = 3600  # a lock file never published is garbage after this
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -101,8 +100,15 @@ class _FileBlobWriter(BlobWriter):
 
 
 class FilesystemStorage(Storage):
-    def __init__(self, root: str | os.PathLike[str], verify: bool = True, clean_tmp: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        verify: bool = True,
+        clean_tmp: bool = True,
+        mark_interval: float = MARK_INTERVAL,
+    ):
         self.root = Path(root)
+        self.mark_interval = mark_interval
         self.blob_dir = self.root / "blobs" / "sha256"
         self.doc_dir = self.root / "documents"
         self.tmp_root = self.root / "tmp"
@@ -269,7 +275,7 @@ class FilesystemStorage(Storage):
         now = time.time()
         for path in paths:
             try:
-                if path.stat().st_mtime < now - MARK_INTERVAL:
+                if path.stat().st_mtime < now - self.mark_interval:
                     os.utime(path)
             except OSError:
                 pass  # gone or read-only: gc judges by the old time

@@ -14,6 +14,13 @@ process. A blob smaller than one part is sent as a single PUT straight to
 its blob key, which is just as atomic. What a killed process leaves behind
 lies under `uploads/` only (see the lifecycle rule in the deployment guide).
 
+Use marks: S3 cannot change an object's LastModified without rewriting it,
+so marking an entry used (for `nixery gc`) puts an empty object at
+`marks/blobs/sha256/<hex>` or `marks/documents/<key>`, whose LastModified
+is the time of the mark; each process writes one at most every
+`mark_interval` seconds per entry. Listings report an entry's time as the
+later of its own and its mark's; deleting an entry deletes its mark.
+
 Credentials come from boto3's standard chain (environment, shared files,
 container and instance roles); this module reads no environment itself.
 """
@@ -22,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import quote
@@ -34,8 +42,12 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from nixery.storage.base import (
+    KEY,
+    MARK_INTERVAL,
+    SHA256_DIGEST,
     BlobLocation,
     BlobWriter,
+    Entry,
     Storage,
     StorageError,
     validate_digest,
@@ -52,6 +64,11 @@ MAX_PARTS = 10_000
 COPY_CONFIG = TransferConfig(multipart_threshold=5 * 1024 * MIB, multipart_chunksize=512 * MIB)
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 KNOWN_BLOBS_MAX = 50_000
+# How long a blob seen to exist is believed to: `nixery gc` may remove it
+# later, and a stored image must then be noticed as incomplete and rebuilt.
+KNOWN_BLOB_TTL = 60.0
+MARKS = "marks/"
+LIST_PAGE_SIZE = 1000  # the most one ListObjectsV2 page may hold
 
 T = TypeVar("T")
 
@@ -71,6 +88,8 @@ class S3Storage(Storage):
         part_size: int = DEFAULT_PART_SIZE,
         parts_in_flight: int = 2,
         upload_threads: int = 8,
+        mark_interval: float = MARK_INTERVAL,
+        list_page_size: int = LIST_PAGE_SIZE,
     ):
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"S3 parts must be at least {MIN_PART_SIZE} bytes")
@@ -81,6 +100,8 @@ class S3Storage(Storage):
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.part_size = part_size
         self.parts_in_flight = max(1, parts_in_flight)
+        self.mark_interval = mark_interval
+        self.list_page_size = list_page_size
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path" if path_style else "auto"},
@@ -95,9 +116,13 @@ class S3Storage(Storage):
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
         )
         self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="s3-upload")
-        # digest -> size: blobs never change, and Nixery never deletes them.
-        self._known: dict[str, int] = {}
+        # digest -> (size, believed until): blobs never change, but gc may delete them.
+        self._known: dict[str, tuple[int, float]] = {}
         self._known_lock = threading.Lock()
+        # object key -> when this process last wrote or marked it (monotonic).
+        self._marked: dict[str, float] = {}
+        # mark key -> mark time, for marks the last listings found no entry for.
+        self._orphans: dict[str, float] = {}
         self._call("checking bucket " + bucket, lambda: self.client.head_bucket(Bucket=bucket))
 
     # -- keys -----------------------------------------------------------
@@ -151,8 +176,8 @@ class S3Storage(Storage):
 
     def _blob_size(self, digest: str) -> int | None:
         with self._known_lock:
-            size = self._known.get(digest)
-        if size is not None:
+            size, until = self._known.get(digest, (None, 0.0))
+        if size is not None and until > time.monotonic():
             return size
         key = self.blob_key(digest)
         head = self._call(
@@ -169,7 +194,7 @@ class S3Storage(Storage):
         with self._known_lock:
             if len(self._known) >= KNOWN_BLOBS_MAX:
                 self._known.clear()
-            self._known[digest] = size
+            self._known[digest] = (size, time.monotonic() + KNOWN_BLOB_TTL)
 
     # -- documents ------------------------------------------------------
 
@@ -194,6 +219,131 @@ class S3Storage(Storage):
         self._call(
             f"storing {object_key}",
             lambda: self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data),
+        )
+        self._due_for_mark(object_key)  # as good as a mark
+
+    # -- use marks and garbage collection -------------------------------
+
+    def _mark_key(self, object_key: str) -> str:
+        return self.object_key(MARKS + object_key[len(self.prefix) :])
+
+    def _due_for_mark(self, object_key: str) -> bool:
+        """Whether to mark `object_key` now; if so, it counts as marked."""
+        now = time.monotonic()
+        with self._known_lock:
+            last = self._marked.get(object_key)
+            if last is not None and last > now - self.mark_interval:
+                return False
+            if len(self._marked) >= KNOWN_BLOBS_MAX:
+                self._marked.clear()
+            self._marked[object_key] = now
+        return True
+
+    def mark_used(self, key: str | None = None, *digests: str) -> None:
+        keys = [self._document_key(key)] if key else []
+        keys += [self.blob_key(d) for d in digests]
+        for object_key in filter(self._due_for_mark, keys):
+            try:
+                self._put_mark(object_key)
+            except StorageError as exc:
+                log.warning("%s; gc judges it by its older time", exc)
+                with self._known_lock:
+                    self._marked.pop(object_key, None)
+
+    def _put_mark(self, object_key: str) -> None:
+        mark = self._mark_key(object_key)
+        self._call(
+            f"marking {object_key} used",
+            lambda: self.client.put_object(Bucket=self.bucket, Key=mark, Body=b""),
+        )
+
+    def _list(self, prefix: str) -> Iterator[tuple[str, float, int]]:
+        """(key without the storage prefix, LastModified, size) of each object under `prefix`."""
+        full = self.object_key(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = iter(
+            paginator.paginate(
+                Bucket=self.bucket,
+                Prefix=full,
+                PaginationConfig={"PageSize": self.list_page_size},
+            )
+        )
+        while True:
+            page = self._call(f"listing {full}", lambda: next(pages, None))
+            if page is None:
+                return
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(self.prefix) :]
+                yield key, obj["LastModified"].timestamp(), int(obj["Size"])
+
+    def _entries(self, prefix: str, name_of: Callable[[str], str | None]) -> Iterator[Entry]:
+        """The entries under `prefix`, each dated by the later of its write and its mark.
+
+        Marks are listed after the entries, so a mark made meanwhile counts."""
+        found = {}
+        for key, mtime, size in self._list(prefix):
+            name = name_of(key)
+            if name is not None:
+                found[key] = Entry(name, mtime, size)
+        marks = {key[len(MARKS) :]: mtime for key, mtime, _ in self._list(MARKS + prefix)}
+        for key, marked in marks.items():
+            if key not in found:
+                self._orphans[MARKS + key] = marked
+        for key, entry in found.items():
+            yield Entry(entry.name, max(entry.mtime, marks.get(key, 0.0)), entry.size)
+
+    def list_blobs(self) -> Iterator[Entry]:
+        # Only finished blobs: uploads in progress live under uploads/.
+        def digest(key: str) -> str | None:
+            name = "sha256:" + key.rsplit("/", 1)[-1]
+            return name if SHA256_DIGEST.fullmatch(name) else None
+
+        return self._entries("blobs/sha256/", digest)
+
+    def list_documents(self, prefix: str) -> Iterator[Entry]:
+        def document(key: str) -> str | None:
+            name = key[len("documents/") :]
+            return name if KEY.fullmatch(name) and ".." not in name else None
+
+        return self._entries("documents/" + validate_key(prefix.rstrip("/")) + "/", document)
+
+    def document_mtime(self, key: str) -> float | None:
+        # Listed, not HEAD: a listing's LastModified is finer than a HEAD's.
+        name = "documents/" + validate_key(key)
+        written = self._listed_time(name)
+        if written is None:
+            return None
+        return max(written, self._listed_time(MARKS + name) or 0.0)
+
+    def _listed_time(self, key: str) -> float | None:
+        return next((mtime for k, mtime, _ in self._list(key) if k == key), None)
+
+    def delete_blob(self, digest: str) -> None:
+        self._delete(self.blob_key(digest))
+        with self._known_lock:
+            self._known.pop(digest, None)
+
+    def delete_document(self, key: str) -> None:
+        self._delete(self._document_key(key))
+
+    def _delete(self, object_key: str) -> None:
+        """Delete an entry, then its mark (a mark without its entry is harmless)."""
+        self._delete_object(object_key)
+        self._delete_object(self._mark_key(object_key))
+        with self._known_lock:
+            self._marked.pop(object_key, None)
+
+    def remove_orphan_marks(self, before: float) -> int:
+        stale = [key for key, marked in self._orphans.items() if marked < before]
+        for key in stale:
+            self._delete_object(self.object_key(key))
+        self._orphans.clear()
+        return len(stale)
+
+    def _delete_object(self, key: str) -> None:
+        # Deleting a missing key succeeds: gc tolerates entries already gone.
+        self._call(
+            f"deleting {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key)
         )
 
     # -- plumbing -------------------------------------------------------
@@ -300,6 +450,7 @@ class _S3BlobWriter(BlobWriter):
         self._finished = True
         self._buffer = bytearray()
         s._remember(digest, self.size)
+        s._due_for_mark(key)
 
     def _publish(self, key: str) -> None:
         s = self._s
