@@ -1,13 +1,21 @@
-"""`nixery gc` and Nix GC roots, with the real storage, server and Nix."""
+"""`nixery gc` and Nix GC roots, with the real storage, server and Nix.
+
+The collector's scenarios run on both backends: a directory, and a bucket on
+the real S3 server. S3 dates objects itself, so these tests do not age
+entries: they write some before a `barrier()` and some after, and run gc at
+a `now` that puts the barrier `keep` or `grace` seconds in the past.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +25,48 @@ from nixery.images import BuiltImage, Layer
 from nixery.manifest import Descriptor, Format, config_document, manifest_document
 from nixery.nix import Nix, temporary_roots
 from nixery.sources import NixSource
-from nixery.storage import FilesystemStorage
-from tests.conftest import FIXTURE_PKGS, StartServer
+from nixery.storage import FilesystemStorage, Storage
+from nixery.storage.s3 import S3Storage
+from tests.clients import skopeo_copy
+from tests.conftest import FIXTURE_PKGS, StartServer, require
 from tests.http import call
+from tests.s3server import S3Server
 
 HOUR = 3600.0
 DAY = 86400.0
 
 
-def store_image(storage: FilesystemStorage, key: str, layers: list[bytes]) -> BuiltImage:
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.e2e)])
+def storage(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Storage]:
+    """Each backend, marking on every call (the throttle is tested on its own)."""
+    st: Storage
+    if request.param == "filesystem":
+        st = FilesystemStorage(tmp_path, mark_interval=0)
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        for name, value in s3.env.items():
+            monkeypatch.setenv(name, value)
+        # Three objects a page: every listing below takes several pages.
+        st = S3Storage(
+            s3.new_bucket(), endpoint_url=s3.endpoint, path_style=True,
+            mark_interval=0, list_page_size=3,
+        )  # fmt: skip
+    yield st
+    st.close()
+
+
+def barrier() -> float:
+    """A whole second that every entry written before is older than and every
+    entry written after is not, whatever the backend's timestamp precision."""
+    now = time.time()
+    moment = math.floor(now) + 1
+    time.sleep(moment - now + 0.05)
+    return float(moment)
+
+
+def store_image(storage: Storage, key: str, layers: list[bytes]) -> BuiltImage:
     """An image document as the builder writes it: blobs first, the document last."""
     stored = []
     for data in layers:
@@ -48,31 +89,36 @@ def store_image(storage: FilesystemStorage, key: str, layers: list[bytes]) -> Bu
 
 
 def age(storage: FilesystemStorage, seconds: float) -> None:
-    """Make every entry look `seconds` older."""
+    """Make every entry of a storage directory look `seconds` older."""
     for path in [*storage.blob_dir.iterdir(), *storage.doc_dir.rglob("*.json")]:
         st = path.stat()
         os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
 
 
-def blobs(storage: FilesystemStorage) -> set[str]:
+def blobs(storage: Storage) -> set[str]:
     return {entry.name for entry in storage.list_blobs()}
 
 
-def test_gc_expires_old_images_and_frees_their_blobs_after_the_grace(tmp_path: Path) -> None:
-    storage = FilesystemStorage(tmp_path)
+def documents(storage: Storage, prefix: str) -> set[str]:
+    return {entry.name for entry in storage.list_documents(prefix)}
+
+
+def test_gc_expires_old_images_and_frees_their_blobs_after_the_grace(storage: Storage) -> None:
     old = store_image(storage, "old", [b"shared", b"only-old"])
-    age(storage, 10 * DAY)
+    abandoned = storage.put_blob(b"left by a failed build long ago")
+    moment = barrier()
     new = store_image(storage, "new", [b"shared", b"only-new"])
     stray = storage.put_blob(b"written by a build in progress")
-    abandoned = storage.put_blob(b"left by a failed build long ago")
-    os.utime(storage.blob_path(abandoned), (0, time.time() - 2 * HOUR))
     before = blobs(storage)
+    # An hour after the barrier: "old" was last used more than `keep` ago.
+    now = moment + HOUR
 
-    dry = collect(storage, keep=7 * DAY, grace=HOUR, dry_run=True)
+    dry = collect(storage, keep=HOUR, grace=HOUR, dry_run=True, now=now)
     assert blobs(storage) == before
+    assert documents(storage, "images/") == {"images/old.json", "images/new.json"}
     assert dry.expired_images == ["images/old.json"] and dry.removed_blobs == [abandoned]
 
-    first = collect(storage, keep=7 * DAY, grace=HOUR)
+    first = collect(storage, keep=HOUR, grace=HOUR, now=now)
     assert first.expired_images == ["images/old.json"]
     assert storage.get_document("images/old.json") is None
     assert storage.get_document("expired/images/old.json") is not None
@@ -80,8 +126,8 @@ def test_gc_expires_old_images_and_frees_their_blobs_after_the_grace(tmp_path: P
     # the blob of a build in progress.
     assert blobs(storage) == before - {abandoned} and stray in before
 
-    later = time.time() + 2 * HOUR
-    second = collect(storage, keep=7 * DAY, grace=HOUR, now=later)
+    later = now + 2 * HOUR
+    second = collect(storage, keep=DAY, grace=HOUR, now=later)
     only_old = old.layers[1].digest
     assert second.dropped_tombstones == ["expired/images/old.json"]
     removed = set(second.removed_blobs)
@@ -90,19 +136,26 @@ def test_gc_expires_old_images_and_frees_their_blobs_after_the_grace(tmp_path: P
     assert {layer.digest for layer in new.layers} <= blobs(storage)
     assert new.manifests["OCI"].digest in blobs(storage)
     assert stray in removed  # two hours later, no build is still writing it
+    assert not removed & blobs(storage)
     assert f"layers/{only_old[7:19]}.json" in second.removed_layer_documents
+    assert storage.get_document(f"layers/{only_old[7:19]}.json") is None
     assert storage.get_document(f"layers/{new.layers[1].digest[7:19]}.json") is not None
-    storage.close()
+    assert documents(storage, "expired/") == set()
 
 
-def test_marking_use_keeps_an_image_alive(tmp_path: Path) -> None:
-    storage = FilesystemStorage(tmp_path)
+def test_marking_use_keeps_an_image_and_reused_blobs(storage: Storage) -> None:
     image = store_image(storage, "used", [b"layer"])
-    age(storage, 10 * DAY)
+    idle = store_image(storage, "idle", [b"idle layer"])
+    reused = storage.put_blob(b"a cached layer a build in progress reuses")
+    unused = storage.put_blob(b"a cached layer nothing reuses")
+    moment = barrier()
     storage.mark_used("images/used.json", *[layer.digest for layer in image.layers])
-    report = collect(storage, keep=7 * DAY, grace=HOUR)
-    assert report.expired_images == [] and report.removed_blobs == []
-    storage.close()
+    storage.mark_used(None, reused)
+    report = collect(storage, keep=HOUR, grace=HOUR, now=moment + HOUR)
+    assert report.expired_images == ["images/idle.json"]
+    assert report.removed_blobs == [unused]
+    assert {reused, image.layers[0].digest, idle.layers[0].digest} <= blobs(storage)
+    assert storage.get_document("images/used.json") is not None
 
 
 @pytest.mark.e2e
@@ -202,16 +255,75 @@ def test_a_built_image_leaves_no_gc_root(start_server: StartServer, tmp_path: Pa
     assert list(scratch.glob("nixery-roots-*")) == []
 
 
-def test_without_grace_one_run_frees_everything_expired(tmp_path: Path) -> None:
+def test_without_grace_one_run_frees_everything_expired(storage: Storage) -> None:
     """For a stopped server: no tombstones, no waiting."""
-    storage = FilesystemStorage(tmp_path)
     old = store_image(storage, "old", [b"only-old"])
-    age(storage, 10 * DAY)
+    moment = barrier()
     kept = store_image(storage, "kept", [b"only-kept"])
-    report = collect(storage, keep=7 * DAY, grace=0)
+    report = collect(storage, keep=HOUR, grace=0, now=moment + HOUR)
     assert report.expired_images == ["images/old.json"] and report.dropped_tombstones == []
     assert {old.layers[0].digest, old.manifests["OCI"].digest} <= set(report.removed_blobs)
     assert {kept.layers[0].digest, kept.manifests["OCI"].digest} <= blobs(storage)
     assert not set(report.removed_blobs) & blobs(storage)
-    assert list(storage.list_documents("expired/")) == []
-    storage.close()
+    assert documents(storage, "expired/") == set()
+    assert documents(storage, "layers/") == {f"layers/{kept.layers[0].digest[7:19]}.json"}
+
+
+# -- S3, end to end -----------------------------------------------------------------------
+
+
+def gc_s3(s3_server: S3Server, bucket: str, *args: str) -> str:
+    """`nixery gc` on a bucket, configured as a deployment would: the backend
+    and bucket in the environment, the credentials in the AWS SDK's variables."""
+    env = {**os.environ, **s3_server.env}
+    env |= {"NIXERY_STORAGE_BACKEND": "s3", "NIXERY_S3_BUCKET": bucket}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nixery", "gc", "--s3-endpoint", s3_server.endpoint,
+         "--s3-path-style", *args],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.e2e
+def test_gc_on_s3_frees_an_expired_image_and_the_next_pull_builds_it_again(
+    start_server: StartServer, s3_server: S3Server, tmp_path: Path
+) -> None:
+    require("skopeo")
+    bucket = s3_server.new_bucket()
+    server = start_server(
+        "--storage-backend", "s3", "--s3-bucket", bucket, "--s3-endpoint", s3_server.endpoint,
+        "--s3-path-style", env=s3_server.env,
+    )  # fmt: skip
+    skopeo_copy(server.host, "hello", tmp_path / "first")
+    built = s3_server.keys(bucket, "blobs/")
+    assert built and s3_server.keys(bucket, "documents/images/")
+
+    # --keep-days 0: the image has expired; a grace of one second stands for
+    # an hour, so the tombstone is old enough by the next run.
+    first = gc_s3(s3_server, bucket, "--keep-days", "0", "--grace", "1")
+    assert "expired 1 images" in first and "removed 0 blobs" in first
+    assert s3_server.keys(bucket, "blobs/") == built
+    assert s3_server.keys(bucket, "documents/images/") == {}
+    assert s3_server.keys(bucket, "documents/expired/images/")
+    time.sleep(1.5)
+    second = gc_s3(s3_server, bucket, "--keep-days", "0", "--grace", "1")
+    assert f"removed {len(built)} blobs" in second and "dropped 1 tombstones" in second
+    for gone in (
+        "blobs/",
+        "marks/",
+        "documents/images/",
+        "documents/expired/",
+        "documents/layers/",
+    ):
+        assert s3_server.keys(bucket, gone) == {}, gone
+    assert s3_server.keys(bucket, "documents/layers/") == {}  # their blobs are gone
+
+    skopeo_copy(server.host, "hello", tmp_path / "second")
+    again = s3_server.keys(bucket, "blobs/")
+    assert again == built  # the same bytes, built and stored again
+    assert s3_server.broken_blobs(bucket) == []
+    first_index = json.loads((tmp_path / "first" / "index.json").read_text())
+    second_index = json.loads((tmp_path / "second" / "index.json").read_text())
+    assert first_index["manifests"][0]["digest"] == second_index["manifests"][0]["digest"]

@@ -205,3 +205,84 @@ def test_bad_credentials_or_bucket_fail_at_start(
     with pytest.raises(StorageError, match="checking bucket"):
         storage(s3_server, bucket)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == "wrong"
+
+
+# -- garbage collection support -----------------------------------------------------------
+
+
+def test_listings_page_through_and_hold_finished_entries_only(
+    s3_server: S3Server, bucket: str
+) -> None:
+    st = storage(s3_server, bucket, prefix="p", list_page_size=2, mark_interval=0)
+    digests = {st.put_blob(f"blob {i}".encode()) for i in range(7)}
+    for i in range(5):
+        st.put_document(f"images/{i}.json", b"{}")
+    st.put_document("layers/l.json", b"{}")
+    st.mark_used("images/0.json", *sorted(digests)[:3])
+    client = s3_server.client()
+    # What else may lie in the bucket: an upload's temporary object, a foreign
+    # key under blobs/, a multipart upload never completed.
+    client.put_object(Bucket=bucket, Key="p/uploads/0123abcd", Body=b"blob 0")
+    client.put_object(Bucket=bucket, Key="p/blobs/sha256/not-a-digest", Body=b"x")
+    client.create_multipart_upload(Bucket=bucket, Key="p/blobs/sha256/" + "e" * 64)
+
+    listed = list(st.list_blobs())
+    assert sorted(e.name for e in listed) == sorted(digests)  # 4 pages, no marks
+    assert all(e.size == 6 for e in listed)
+    names = {e.name for e in st.list_documents("images/")}
+    assert names == {f"images/{i}.json" for i in range(5)}
+    assert {e.name for e in st.list_documents("layers")} == {"layers/l.json"}
+    assert list(st.list_documents("expired/")) == []
+    assert len(s3_server.keys(bucket, "p/marks/")) == 4
+
+
+def test_marks_date_entries_and_go_with_them(s3_server: S3Server, bucket: str) -> None:
+    st = storage(s3_server, bucket, mark_interval=0)
+    digest = st.put_blob(b"layer")
+    st.put_document("images/a.json", b"{}")
+    written = {e.name: e.mtime for e in st.list_blobs()}[digest]
+    assert st.document_mtime("images/a.json") == next(st.list_documents("images/")).mtime
+    time.sleep(0.1)
+    st.mark_used("images/a.json", digest)
+    marked = {e.name: e.mtime for e in st.list_blobs()}[digest]
+    assert marked > written
+    entry = next(st.list_documents("images/"))
+    assert st.document_mtime("images/a.json") == entry.mtime > written
+
+    st.delete_blob(digest)
+    st.delete_document("images/a.json")
+    assert s3_server.keys(bucket) == {}
+    assert st.locate_blob(digest) is None and st.document_mtime("images/a.json") is None
+    st.delete_blob(digest)  # already gone: no error
+
+
+def test_marks_are_throttled_per_process(s3_server: S3Server, bucket: str) -> None:
+    st = storage(s3_server, bucket)  # the default interval: ten minutes
+    digest = st.put_blob(b"layer")
+    st.put_document("images/a.json", b"{}")
+    st.mark_used("images/a.json", digest)  # just written: as good as marked
+    assert s3_server.keys(bucket, "marks/") == {}
+    other = storage(s3_server, bucket)  # another replica
+    other.mark_used("images/a.json", digest)
+    other.mark_used("images/a.json", digest)
+    marks = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="marks/")["Contents"]
+    assert sorted(m["Key"] for m in marks) == [
+        f"marks/blobs/sha256/{digest[7:]}",
+        "marks/documents/images/a.json",
+    ]
+
+
+def test_a_mark_left_without_its_entry_is_removed_by_gc(s3_server: S3Server, bucket: str) -> None:
+    from nixery.gc import collect
+
+    st = storage(s3_server, bucket, mark_interval=0)
+    digest = st.put_blob(b"layer")
+    st.mark_used(None, digest)
+    # The race gc cannot prevent: a replica marks a blob gc is removing.
+    s3_server.client().delete_object(Bucket=bucket, Key=f"blobs/sha256/{digest[7:]}")
+    collect(st, keep=3600, grace=3600, dry_run=True)
+    assert s3_server.keys(bucket, "marks/") != {}
+    report = collect(st, keep=3600, grace=3600)
+    assert report.removed_marks == 0 and s3_server.keys(bucket, "marks/") != {}  # still new
+    report = collect(st, keep=3600, grace=3600, now=time.time() + 7200)
+    assert report.removed_marks == 1 and s3_server.keys(bucket) == {}
