@@ -16,6 +16,8 @@ nor served for `keep` seconds (serving marks it used, see
    cached layers they reuse.
 4. Layer documents (a cache of packed layers, not roots) whose blob is gone
    are removed.
+5. Where marks are stored apart from what they mark (S3), a mark that a
+   race left without its entry is removed once older than `grace`.
 
 So the blobs of an expired image are freed by the first run at least
 `grace` seconds after it expired. With no grace (only safe when no server
