@@ -13,7 +13,9 @@ nor served for `keep` seconds (serving marks it used, see
 3. Blobs referenced by no image document or tombstone are removed if they
    were written or marked used more than `grace` seconds ago: builds in
    progress write their blobs before their image document, and mark the
-   cached layers they reuse.
+   cached layers they reuse. Multi-platform lists of manifests are written
+   when served and named by no document; one is kept while every manifest
+   it lists is, because clients pin images by a list's digest.
 4. Layer documents (a cache of packed layers, not roots) whose blob is gone
    are removed.
 5. Where marks are stored apart from what they mark (S3), a mark that a
@@ -32,14 +34,17 @@ import time
 from dataclasses import dataclass, field
 
 from nixery.images import BuiltImage, Layer
-from nixery.manifest import referenced_digests
+from nixery.manifest import DOCKER_LIST, OCI_INDEX, media_type_of, referenced_digests
 from nixery.storage import Storage
+from nixery.storage.base import Entry
 
 log = logging.getLogger(__name__)
 
 IMAGES = "images/"
 EXPIRED = "expired/"
 LAYERS = "layers/"
+LIST_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MAX_LIST_SIZE = 64 * 1024  # larger blobs are layers, never read as lists
 
 
 @dataclass
@@ -75,6 +80,17 @@ def image_references(storage: Storage, data: bytes) -> set[str]:
     for descriptor in image.manifests.values():
         digests.update(referenced_digests(storage.read_blob(descriptor.digest) or b""))
     return digests
+
+
+def lists_kept_manifests(storage: Storage, blob: Entry, referenced: set[str]) -> bool:
+    """Whether `blob` is a multi-platform list whose every manifest is kept."""
+    if blob.size > MAX_LIST_SIZE:
+        return False
+    data = storage.read_blob(blob.name) or b""
+    if media_type_of(data) not in LIST_TYPES:
+        return False
+    listed = set(referenced_digests(data))
+    return bool(listed) and listed <= referenced
 
 
 def collect(
@@ -115,7 +131,11 @@ def collect(
     present: set[str] = set()
     for blob in list(storage.list_blobs()):
         present.add(blob.name)
-        if blob.name in referenced or blob.mtime >= now - grace:
+        if (
+            blob.name in referenced
+            or blob.mtime >= now - grace
+            or lists_kept_manifests(storage, blob, referenced)
+        ):
             report.kept_blobs += 1
             report.kept_bytes += blob.size
             continue

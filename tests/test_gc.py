@@ -22,8 +22,16 @@ import pytest
 
 from nixery.gc import collect
 from nixery.images import BuiltImage, Layer
-from nixery.manifest import Descriptor, Format, config_document, manifest_document
+from nixery.manifest import (
+    OCI_INDEX,
+    Descriptor,
+    Format,
+    config_document,
+    index_document,
+    manifest_document,
+)
 from nixery.nix import Nix, temporary_roots
+from nixery.platforms import AMD64, ARM64
 from nixery.sources import NixSource
 from nixery.storage import FilesystemStorage, Storage
 from nixery.storage.s3 import S3Storage
@@ -156,6 +164,43 @@ def test_marking_use_keeps_an_image_and_reused_blobs(storage: Storage) -> None:
     assert report.removed_blobs == [unused]
     assert {reused, image.layers[0].digest, idle.layers[0].digest} <= blobs(storage)
     assert storage.get_document("images/used.json") is not None
+
+
+def test_a_list_of_manifests_is_kept_while_every_manifest_it_lists_is(storage: Storage) -> None:
+    amd = store_image(storage, "amd64", [b"amd64 layer"]).manifests["OCI"]
+    arm = store_image(storage, "arm64", [b"arm64 layer"]).manifests["OCI"]
+    orphan = store_image(storage, "orphan", [b"orphan layer"]).manifests["OCI"]
+    storage.delete_document("images/orphan.json")  # that image is gone
+    kept = [index_document(f, [(AMD64, amd), (ARM64, arm)]) for f in Format]
+    stale = index_document(Format.OCI, [(AMD64, amd), (ARM64, orphan)])
+    for document in [*kept, stale]:
+        storage.put_blob(document.data)
+    moment = barrier()
+    report = collect(storage, keep=DAY, grace=HOUR, now=moment + 2 * HOUR)
+    assert {d.digest for d in kept} <= blobs(storage)
+    assert {stale.digest, orphan.digest} <= set(report.removed_blobs)
+    assert {amd.digest, arm.digest} <= blobs(storage)
+
+
+@pytest.mark.e2e
+def test_an_image_pinned_by_its_list_digest_lives_as_long_as_its_images(
+    start_server: StartServer,
+) -> None:
+    server = start_server("--platforms", "linux/amd64,linux/arm64")
+    reply = call(server.host, "GET", "/v2/hello/manifests/latest", {"Accept": OCI_INDEX})
+    assert reply.status == 200, reply.body
+    digest = reply.require_header("Docker-Content-Digest")
+    storage = FilesystemStorage(server.storage)
+    try:
+        # Two hours on, with the images in use: the list outlives the grace.
+        collect(storage, keep=DAY, grace=HOUR, now=time.time() + 2 * HOUR)
+        pinned = call(server.host, "GET", f"/v2/hello/manifests/{digest}", {"Accept": OCI_INDEX})
+        assert pinned.status == 200 and pinned.body == reply.body
+        # Once its images expire, the list goes with them.
+        report = collect(storage, keep=HOUR, grace=0, now=time.time() + 2 * DAY)
+        assert digest in report.removed_blobs
+    finally:
+        storage.close()
 
 
 @pytest.mark.e2e
