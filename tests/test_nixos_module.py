@@ -265,8 +265,11 @@ def test_package_expression(lib: str) -> None:
     assert package["version"] == project["version"]
     assert package["pyproject"] is True
     assert package["dependencies"] == [f"python3Packages.{n}" for n in runtime]
+    # git: the unit tests of git sources run the real git.
     assert package["nativeCheckInputs"] == [
-        f"python3Packages.{n}" for n in ["pytestCheckHook", *test_only]
+        "python3Packages.pytestCheckHook",
+        f"{STUB_STORE}git",
+        *(f"python3Packages.{n}" for n in test_only),
     ]
     assert package["makeWrapperArgs"] == [
         "--prefix",
@@ -299,7 +302,7 @@ def test_flake_outputs(lib: str) -> None:
     assert flake["outputs"]["overlays"] == ["default"]
     for system in ("x86_64-linux", "aarch64-linux"):
         outputs = flake["perSystem"][system]
-        assert outputs["packages"] == ["default", "nixery"]
+        assert outputs["packages"] == ["default", "image", "nixery"]
         assert outputs["apps"] == ["default"]
         assert outputs["devShells"] == ["default"]
         vm_tests = {f"vm-{p.stem}" for p in (ROOT / "nix" / "tests").glob("*.nix")}
