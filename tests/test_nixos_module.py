@@ -193,12 +193,52 @@ def test_newer_daemon_options_and_s3_credentials(lib: str) -> None:
         "s3-bucket": "images",
         "s3-endpoint": "https://s3.example.org",
         "s3-region": "eu-west-1",
+        "s3-path-style": True,
     }
     service = ev["service"]
     # The secret stays outside the store and the unit: systemd passes it in.
     assert service["serviceConfig"]["LoadCredential"] == ["s3-credentials:/run/secrets/nixery-s3"]
     assert service["environment"]["AWS_SHARED_CREDENTIALS_FILE"] == "%d/s3-credentials"
     assert "/run/secrets" not in json.dumps(ev["settings"])
+
+
+def test_gc_timer_collects_the_storage_the_registry_serves(lib: str) -> None:
+    from nixery.cli import gc
+
+    defaults = module(lib, "defaults")
+    assert defaults["gcService"] is None and defaults["gcTimer"] is None
+    gc_options = {opt for param in gc.params for opt in param.opts}
+    cases = {
+        "full": (
+            "--keep-days 30 --grace 3600 --storage-backend filesystem "
+            "--storage-path /srv/nixery/cache",
+            "daily",
+        ),
+        "s3": (
+            "--keep-days 7 --grace 1800 --storage-backend s3 --s3-bucket images "
+            "--s3-endpoint https://s3.example.org --s3-region eu-west-1 --s3-path-style",
+            "hourly",
+        ),
+    }
+    for name, (arguments, dates) in cases.items():
+        ev = module(lib, name)
+        service, timer = ev["gcService"], ev["gcTimer"]
+        config = service["serviceConfig"]
+        assert config["ExecStart"] == f"{PACKAGE}/bin/nixery gc {arguments}"
+        # Every flag is one `nixery gc` takes.
+        assert {a for a in arguments.split() if a.startswith("--")} <= gc_options
+        assert config["Type"] == "oneshot"
+        # The registry's user, storage access, secrets and hardening.
+        served = ev["service"]["serviceConfig"]
+        for key in ("User", "Group", "ReadWritePaths", "CacheDirectory", "EnvironmentFile",
+                    "LoadCredential", "ProtectSystem", "SystemCallFilter", "UMask"):  # fmt: skip
+            assert config.get(key) == served.get(key), key
+        assert {k: v for k, v in ev["service"]["environment"].items() if k != "NIX_REMOTE"} == (
+            service["environment"]
+        )
+        assert timer["wantedBy"] == ["timers.target"]
+        assert timer["timerConfig"]["OnCalendar"] == dates
+        assert timer["timerConfig"]["Persistent"] is True
 
 
 def test_privileged_port_gets_only_the_bind_capability(lib: str) -> None:

@@ -44,6 +44,99 @@ let
 
   settingsFile = settingsFormat.generate "nixery.toml" cfg.settings;
 
+  # `nixery gc` reads the storage the way `serve` does: the same keys.
+  gcStorageKeys = [
+    "storage-backend"
+    "storage-path"
+    "s3-bucket"
+    "s3-prefix"
+    "s3-endpoint"
+    "s3-region"
+    "s3-path-style"
+  ];
+  flagsFor =
+    key: value:
+    if value == true then
+      [ "--${key}" ]
+    else if value == false || value == null then
+      [ ]
+    else
+      [
+        "--${key}"
+        (toString value)
+      ];
+  gcCommand = [
+    (lib.getExe cfg.package)
+    "gc"
+    "--keep-days"
+    (toString cfg.gc.keepDays)
+    "--grace"
+    (toString cfg.gc.grace)
+  ]
+  ++ lib.concatMap (key: flagsFor key cfg.settings.${key}) (
+    lib.filter (key: cfg.settings ? ${key}) gcStorageKeys
+  );
+
+  # What the registry and its collector share: user, storage access, secrets.
+  commonServiceConfig = {
+    User = user;
+    Group = group;
+    StateDirectory = "nixery";
+    StateDirectoryMode = "0750";
+    WorkingDirectory = stateDir;
+    UMask = "0027";
+  }
+  // lib.optionalAttrs cacheInVarCache {
+    CacheDirectory = lib.removePrefix "/var/cache/" cfg.cacheDir;
+    CacheDirectoryMode = "0750";
+  }
+  // lib.optionalAttrs (!cacheInVarCache) { ReadWritePaths = [ cfg.cacheDir ]; }
+  // lib.optionalAttrs (cfg.environmentFile != null) { EnvironmentFile = cfg.environmentFile; }
+  // lib.optionalAttrs (cfg.storage.s3.credentialsFile != null) {
+    LoadCredential = [ "s3-credentials:${cfg.storage.s3.credentialsFile}" ];
+  };
+
+  commonEnvironment = {
+    HOME = stateDir;
+  }
+  // lib.optionalAttrs (cfg.storage.s3.credentialsFile != null) {
+    AWS_SHARED_CREDENTIALS_FILE = "%d/s3-credentials";
+  };
+
+  # Hardening. Nix is reached through the daemon's socket (AF_UNIX) and
+  # builds run in the daemon, so the services need no privilege.
+  # MemoryDenyWriteExecute is left off: libffi (ctypes) may need W+X pages.
+  hardening = {
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    ProtectHostname = true;
+    ProtectClock = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectProc = "invisible";
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    RemoveIPC = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+    SystemCallErrorNumber = "EPERM";
+  };
+
   # The daemon owns the meaning of every key; the module only asks it.
   checkedConfig =
     if cfg.checkConfig == false then
@@ -240,6 +333,37 @@ in
       '';
     };
 
+    gc = {
+      enable = mkEnableOption ''
+        a timer that runs `nixery gc` on the registry's storage: images
+        neither built nor served for {option}`services.nixery.gc.keepDays`
+        days are removed with the blobs no kept image needs (they are built
+        again when asked for). Safe while the registry serves'';
+
+      dates = mkOption {
+        type = types.str;
+        default = "daily";
+        example = "hourly";
+        description = "When to collect, as a systemd calendar event (`OnCalendar`).";
+      };
+
+      keepDays = mkOption {
+        type = types.numbers.nonnegative;
+        default = 30;
+        description = "Keep images built or served within this many days (`--keep-days`).";
+      };
+
+      grace = mkOption {
+        type = types.ints.unsigned;
+        default = 3600;
+        description = ''
+          Seconds new or expired entries are kept so that builds and pulls in
+          progress finish (`--grace`); below 600 only safe when no registry
+          serves the storage.
+        '';
+      };
+    };
+
     configFile = mkOption {
       type = types.path;
       readOnly = true;
@@ -312,66 +436,42 @@ in
       requires = [ "nix-daemon.socket" ];
       environment = {
         NIX_REMOTE = "daemon";
-        HOME = stateDir;
       }
-      // lib.optionalAttrs (cfg.storage.s3.credentialsFile != null) {
-        AWS_SHARED_CREDENTIALS_FILE = "%d/s3-credentials";
-      };
+      // commonEnvironment;
 
       serviceConfig = {
         ExecStart = "${lib.getExe cfg.package} serve --config ${cfg.configFile}";
-        User = user;
-        Group = group;
         Restart = "on-failure";
         RestartSec = 5;
-        StateDirectory = "nixery";
-        StateDirectoryMode = "0750";
-        WorkingDirectory = stateDir;
-        UMask = "0027";
-      }
-      // lib.optionalAttrs cacheInVarCache {
-        CacheDirectory = lib.removePrefix "/var/cache/" cfg.cacheDir;
-        CacheDirectoryMode = "0750";
-      }
-      // lib.optionalAttrs (!cacheInVarCache) { ReadWritePaths = [ cfg.cacheDir ]; }
-      // lib.optionalAttrs (cfg.environmentFile != null) { EnvironmentFile = cfg.environmentFile; }
-      // lib.optionalAttrs (cfg.storage.s3.credentialsFile != null) {
-        LoadCredential = [ "s3-credentials:${cfg.storage.s3.credentialsFile}" ];
-      }
-      // {
-        # Hardening. Nix is reached through the daemon's socket (AF_UNIX) and
-        # builds run in the daemon, so the service itself needs no privilege.
-        # MemoryDenyWriteExecute is left off: libffi (ctypes) may need W+X pages.
         AmbientCapabilities = lib.optionals (cfg.port < 1024) [ "CAP_NET_BIND_SERVICE" ];
         CapabilityBoundingSet = if cfg.port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectHostname = true;
-        ProtectClock = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectProc = "invisible";
-        RestrictAddressFamilies = [
-          "AF_UNIX"
-          "AF_INET"
-          "AF_INET6"
-        ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        RemoveIPC = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        SystemCallErrorNumber = "EPERM";
+      }
+      // commonServiceConfig
+      // hardening;
+    };
+
+    systemd.services.nixery-gc = mkIf cfg.gc.enable {
+      description = "Nixery garbage collection";
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      environment = commonEnvironment;
+      serviceConfig = {
+        Type = "oneshot";
+        ExecStart = lib.escapeShellArgs gcCommand;
+        CapabilityBoundingSet = [ "" ];
+      }
+      // commonServiceConfig
+      // hardening;
+    };
+
+    systemd.timers.nixery-gc = mkIf cfg.gc.enable {
+      description = "Nixery garbage collection";
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnCalendar = cfg.gc.dates;
+        Persistent = true;
+        # Replicas sharing a bucket do not all collect at once.
+        RandomizedDelaySec = "15min";
       };
     };
   };

@@ -21,6 +21,7 @@
       layerBudget = 60;
       environmentFile = "/run/secrets/nixery.env";
       checkConfig = "syntax-only";
+      gc.enable = true;
       settings = {
         platforms = "linux/amd64,linux/arm64";
         compression-level = 2;
@@ -35,6 +36,13 @@
       enable = true;
       flake = "github:example/packages";
       maxBuilds = 4;
+      settings.s3-path-style = true;
+      gc = {
+        enable = true;
+        dates = "hourly";
+        keepDays = 7;
+        grace = 1800;
+      };
       storage = {
         backend = "s3";
         s3 = {

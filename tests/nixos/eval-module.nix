@@ -27,6 +27,8 @@ in
 {
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   service = config.systemd.services.nixery or null;
+  gcService = config.systemd.services.nixery-gc or null;
+  gcTimer = config.systemd.timers.nixery-gc or null;
   settings = rendered.rendered;
   configFile = "${configFile}";
   renderedFile = "${rendered}";

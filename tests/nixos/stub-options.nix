@@ -47,5 +47,9 @@ in
       type = types.attrsOf freeform;
       default = { };
     };
+    systemd.timers = mkOption {
+      type = types.attrsOf freeform;
+      default = { };
+    };
   };
 }
