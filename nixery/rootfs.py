@@ -4,8 +4,8 @@ Like Nix's `buildEnv`, a top-level directory that only one package has
 becomes a symlink to it; one that several packages have becomes a real
 directory whose children are joined the same way. On a file conflict the
 package that sorts first wins. Then the conventional files a container
-expects are added: `/tmp`, `/usr/bin/env`, `/etc/passwd`, `/etc/group` and
-the CA bundle.
+expects are added: `/tmp`, root's home `/root`, `/usr/bin/env`,
+`/etc/passwd`, `/etc/group` and the CA bundle.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def root_entries(packages: Sequence[tuple[str, str]]) -> list[RootEntry]:
     outs = dict(ordered)
 
     tree.put(RootEntry("tmp", "dir", mode=0o1777))
+    # Runtimes set HOME from /etc/passwd; programs write there (shell history, configs).
+    tree.put(RootEntry("root", "dir", mode=0o700))
     coreutils = outs.get("coreutils")
     if coreutils and os.path.exists(os.path.join(coreutils, "bin", "env")):
         tree.put(RootEntry("usr/bin/env", "symlink", target=os.path.join(coreutils, "bin", "env")))

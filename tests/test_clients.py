@@ -146,6 +146,10 @@ def test_podman_pull_and_run(registry: Server) -> None:
             lambda: podman("run", "--rm", "--pull=never", *PODMAN_RUN_FLAGS, ref, "hello"),
         )
         assert out.strip() == GREETING
+        # A login shell as root: HOME comes from /etc/passwd and must be usable.
+        script = "cd && touch .probe && echo $HOME $(id -un)"
+        login = podman("run", "--rm", "--pull=never", *PODMAN_RUN_FLAGS, ref, "bash", "-lc", script)
+        assert login.split() == ["/root", "root"]
         image = json.loads(podman("image", "inspect", ref))[0]
         assert (image["Os"], image["Architecture"]) == ("linux", "amd64")
     finally:
