@@ -121,7 +121,37 @@ def big_closures(graph: ClosureGraph, g: nx.DiGraph, threshold: int) -> set[str]
 
     if graph.total_size() <= threshold:
         return set()  # no closure can be bigger than the whole image
-    return {p for p in graph.paths if graph.total_size(nx.descendants(g, p) | {p}) > threshold}
+    try:  # dependencies first, so that most paths are settled by a reference
+        order = list(reversed(list(nx.topological_sort(g))))
+    except nx.NetworkXUnfeasible:  # a cycle: still correct, only slower
+        order = sorted(g)
+    big: set[str] = set()
+    for path in order:
+        if path == ROOT:
+            continue
+        # A closure holds its references' closures: one big reference settles
+        # it; otherwise it is summed only until the threshold is passed, so
+        # no path's whole closure is walked (that was quadratic in paths).
+        if any(ref in big for ref in g.successors(path)) or _exceeds(graph, g, path, threshold):
+            big.add(path)
+    return big
+
+
+def _exceeds(graph: ClosureGraph, g: nx.DiGraph, path: str, threshold: int) -> bool:
+    """Whether the closure of `path` is bigger than `threshold` bytes."""
+    seen = {path}
+    stack = [path]
+    total = 0
+    while stack:
+        node = stack.pop()
+        total += graph.paths[node].nar_size
+        if total > threshold:
+            return True
+        for ref in g.successors(node):
+            if ref not in seen:
+                seen.add(ref)
+                stack.append(ref)
+    return False
 
 
 def dominator_layers(g: nx.DiGraph, split: Collection[str]) -> dict[str, set[str]]:

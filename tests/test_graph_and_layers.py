@@ -206,3 +206,25 @@ def test_grouping_is_stable_under_input_order() -> None:
 def test_budget_must_be_positive() -> None:
     with pytest.raises(ValueError):
         group_layers(graph({"1-a": []}, ["1-a"]), {}, budget=0)
+
+
+def test_big_closures_are_the_paths_whose_whole_closure_passes_the_threshold() -> None:
+    """Checked against the definition (each path's descendants summed) on
+    random closures; the implementation stops summing early."""
+    import random
+
+    import networkx as nx
+
+    from nixery.layers import big_closures, dependency_graph
+
+    rng = random.Random(7)
+    for n in (1, 30, 200):
+        names = [f"{i:04d}-p{i}" for i in range(n)]
+        edges = {name: rng.sample(names[:i], min(i, rng.randint(0, 6))) for i, name in
+                 enumerate(names)}  # fmt: skip
+        sizes = {name: rng.randint(1, 1000) for name in names}
+        g = graph(edges, names[-3:], sizes)
+        dg = dependency_graph(g)
+        for threshold in (0, 500, 5_000, 50_000, g.total_size() - 1, g.total_size()):
+            expected = {p for p in g.paths if g.total_size(nx.descendants(dg, p) | {p}) > threshold}
+            assert big_closures(g, dg, threshold) == expected
