@@ -2,7 +2,8 @@
 
 Roots are the image documents (`images/...`): each names the manifests of a
 built image and its layers. An image expires when it has been neither built
-nor served for `keep` seconds (serving marks it used, see
+nor served for `keep` seconds (serving by tag marks its document used, and
+serving by digest the manifest, or the manifests a list names; see
 `Storage.mark_used`). Collection is safe while servers run:
 
 1. Expired image documents become tombstones (`expired/images/...`). A
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from nixery.images import BuiltImage, Layer
-from nixery.manifest import DOCKER_LIST, OCI_INDEX, media_type_of, referenced_digests
+from nixery.manifest import INDEX_TYPES, media_type_of, referenced_digests
 from nixery.storage import Storage
 from nixery.storage.base import Entry
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 IMAGES = "images/"
 EXPIRED = "expired/"
 LAYERS = "layers/"
-LIST_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MAX_LIST_SIZE = 64 * 1024  # larger blobs are layers, never read as lists
 
 
@@ -69,6 +69,15 @@ class GcReport:
         )
 
 
+def image_manifests(data: bytes) -> list[str]:
+    """The digests of an image document's manifests (one per format)."""
+    try:
+        image = BuiltImage.from_json(json.loads(data))
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [d.digest for d in image.manifests.values()]
+
+
 def image_references(storage: Storage, data: bytes) -> set[str]:
     """Every blob an image document needs: manifests, their configs, layers."""
     try:
@@ -87,7 +96,7 @@ def lists_kept_manifests(storage: Storage, blob: Entry, referenced: set[str]) ->
     if blob.size > MAX_LIST_SIZE:
         return False
     data = storage.read_blob(blob.name) or b""
-    if media_type_of(data) not in LIST_TYPES:
+    if media_type_of(data) not in INDEX_TYPES:
         return False
     listed = set(referenced_digests(data))
     return bool(listed) and listed <= referenced
@@ -103,12 +112,15 @@ def collect(
     now = time.time() if now is None else now
     report = GcReport()
     referenced: set[str] = set()
+    # Listed first: a pull by digest marks the manifest, not the image document.
+    blobs = {blob.name: blob for blob in storage.list_blobs()}
 
     for entry in list(storage.list_documents(IMAGES)):
         data = storage.get_document(entry.name)
         if data is None:
             continue
-        expired = entry.mtime < now - keep
+        pulled = [blobs[d].mtime for d in image_manifests(data) if d in blobs]
+        expired = max([entry.mtime, *pulled]) < now - keep
         if not expired or grace > 0:
             referenced |= image_references(storage, data)  # kept, or a tombstone now
         if not expired:
@@ -129,7 +141,7 @@ def collect(
             storage.delete_document(entry.name)
 
     present: set[str] = set()
-    for blob in list(storage.list_blobs()):
+    for blob in blobs.values():
         present.add(blob.name)
         if (
             blob.name in referenced

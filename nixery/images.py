@@ -273,7 +273,12 @@ class ImageService:
         request = parse_image_name(name, self.settings.max_packages)
         if is_digest(reference):
             validate_digest(reference)
-            return self._stored_manifest(reference)
+            document = self._stored_manifest(reference)
+            # An image pinned by digest is in use too: gc reads the marks of
+            # its manifests, as it reads its document's for pulls by tag.
+            listed = referenced_digests(document.data) if document.is_index else []
+            self.storage.mark_used(None, reference, *listed)
+            return document
         validate_tag(reference)
         source = self.sources.resolve(reference)
         platforms = (request.platform,) if request.platform else self.settings.platforms

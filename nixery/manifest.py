@@ -26,6 +26,7 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST})
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
 CA_FILE = "/etc/ssl/certs/ca-bundle.crt"
@@ -77,6 +78,11 @@ class Document:
 
     def descriptor(self) -> Descriptor:
         return Descriptor(self.media_type, self.digest, len(self.data))
+
+    @property
+    def is_index(self) -> bool:
+        """A list of per-platform manifests (OCI index or Docker manifest list)."""
+        return self.media_type in INDEX_TYPES
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,38 @@ def test_an_image_pinned_by_its_list_digest_lives_as_long_as_its_images(
 
 
 @pytest.mark.e2e
+def test_images_pinned_by_digest_are_in_use(start_server: StartServer) -> None:
+    server = start_server("--platforms", "linux/amd64,linux/arm64")
+    index = {"Accept": OCI_INDEX}
+    digests = {}
+    for image in ("hello", "jq", "wget"):
+        reply = call(server.host, "GET", f"/v2/{image}/manifests/latest", index)
+        assert reply.status == 200, reply.body
+        digests[image] = reply.require_header("Docker-Content-Digest")
+    platform_manifest = json.loads(reply.body)["manifests"][0]["digest"]  # of wget
+    amd64_jq = json.loads(
+        call(server.host, "GET", f"/v2/jq/manifests/{digests['jq']}", index).body
+    )["manifests"][0]["digest"]
+    storage = FilesystemStorage(server.storage)
+    try:
+        age(storage, 2 * HOUR)
+        # Pinned pulls: hello by its list, jq by one platform's manifest.
+        for image, digest in (("hello", digests["hello"]), ("jq", amd64_jq)):
+            assert call(server.host, "GET", f"/v2/{image}/manifests/{digest}").status == 200
+        report = collect(storage, keep=HOUR, grace=HOUR)
+        expired = [
+            BuiltImage.from_json(json.loads(storage.get_document("expired/" + name) or b""))
+            for name in report.expired_images
+        ]
+        # Both platforms of wget (pulled by nobody since), and jq's arm64 image.
+        assert len(expired) == 3
+        assert {image.manifests["OCI"].digest for image in expired} >= {platform_manifest}
+        assert sum("jq" in " ".join(image.packages) for image in expired) == 1
+    finally:
+        storage.close()
+
+
+@pytest.mark.e2e
 def test_gc_while_serving(start_server: StartServer, tmp_path: Path) -> None:
     """Pulls never fail while gc runs; an expired image's blobs go; it builds again."""
     server = start_server()
