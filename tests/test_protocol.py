@@ -302,7 +302,19 @@ WRITES = [
 
 @pytest.mark.parametrize("method, path", WRITES)
 def test_writes_are_unsupported(server: Server, method: str, path: str) -> None:
-    assert_error(get(server, path, method=method), 405, "UNSUPPORTED")
+    reply = get(server, path, method=method)
+    assert_error(reply, 405, "UNSUPPORTED")
+    assert reply.header("Allow") == "GET, HEAD"
+
+
+def test_every_other_method_is_unsupported_in_json(server: Server) -> None:
+    """CORS preflights, WebDAV and made-up methods get the registry's 405, too."""
+    for method in ("OPTIONS", "TRACE", "PROPFIND", "FROB"):
+        for path in ("/v2/", "/v2", f"/v2/{IMAGE}/manifests/latest", f"/v2/{IMAGE}/blobs/{ZERO}",
+                     "/", "/nope"):  # fmt: skip
+            reply = get(server, path, method=method)
+            assert_error(reply, 405, "UNSUPPORTED")
+            assert reply.header("Allow") == "GET, HEAD", (method, path)
 
 
 def test_upload_locations_are_unknown(server: Server) -> None:
