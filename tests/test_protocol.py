@@ -124,6 +124,13 @@ def test_each_client_accept_shape_gets_the_oci_index(server: Server, client: str
     assert reply.header("Content-Type") == reply.json()["mediaType"] == OCI_INDEX
 
 
+def test_a_list_refused_with_q_zero_is_not_sent(server: Server) -> None:
+    accept = f"{OCI_INDEX};q=0, {DOCKER_LIST}; q=0.0, {OCI_MANIFEST}, {DOCKER_MANIFEST};q=0.5"
+    reply = get(server, f"/v2/{IMAGE}/manifests/latest", {"Accept": accept})
+    assert reply.status == 200
+    assert reply.header("Content-Type") == reply.json()["mediaType"] == OCI_MANIFEST
+
+
 def test_index_holds_one_manifest_per_platform_in_its_own_dialect(
     server: Server, tagged: dict[str | None, Reply]
 ) -> None:
