@@ -211,6 +211,33 @@ def test_token_buckets_refill_and_forget() -> None:
     assert buckets.take("a") == 0
 
 
+def test_token_buckets_never_charge_a_request_for_time_seen_by_a_later_one() -> None:
+    """Two requests at once: the one that read the clock first is slowed down
+    (by the clock itself) until the other has been counted."""
+    first_read = threading.Event()
+    second_counted = threading.Event()
+    readings = iter([0.0, 5.0, 6.0])
+
+    def clock() -> float:
+        value = next(readings)
+        if value == 5.0:
+            first_read.set()
+            # With the clock read under the lock, the other request waits instead.
+            second_counted.wait(1)
+        return value
+
+    buckets = TokenBuckets(rate=1, burst=2, clock=clock)
+    assert buckets.take("a") == 0  # at 0: one token left, and the bucket is full again at 1
+    waits: dict[str, float] = {}
+    first = threading.Thread(target=lambda: waits.update(first=buckets.take("a")))
+    first.start()
+    assert first_read.wait(10)
+    waits["second"] = buckets.take("a")
+    second_counted.set()
+    first.join(10)
+    assert waits == {"first": 0, "second": 0}  # two tokens at 5 and 6, two requests
+
+
 def test_unknown_tls_files_are_a_clear_startup_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nixery", "serve", "--storage-path", str(tmp_path),
