@@ -306,7 +306,7 @@ def create_app(
     @app.get("/v2/<name:path>/tags/list", name="tags")
     def tags(name: str) -> HTTPResponse:
         n = _page_size(request.query.get("n"))
-        last = request.query.get("last")
+        last = request.query.get("last") or None  # `last=` is the first page, as in distribution
         if last is not None:
             validate_tag(last)
         page, more = tag_page(service.tags(name), n, last)

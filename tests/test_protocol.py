@@ -268,6 +268,8 @@ def test_tags_list(server: Server) -> None:
         ("n=0", []),
         ("last=latest", []),
         ("n=5&last=a", ["latest"]),
+        ("last=", ["latest"]),
+        ("n=1&last=", ["latest"]),
     ):
         reply = get(server, f"/v2/{IMAGE}/tags/list?{query}")
         assert reply.status == 200 and reply.json()["tags"] == tags, query
