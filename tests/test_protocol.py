@@ -211,6 +211,13 @@ def test_blob_get_head_and_ranges(server: Server, tagged: dict[str | None, Reply
             assert part.body == (whole.body[start:end] if method == "GET" else b"")
     for ignored in ("items=0-1", "bytes=0-1,5-6"):
         assert get(server, path, {"Range": ignored}).body == whole.body
+    # If-Range: the range only for this very content (strong ETag match), else all of it.
+    etag = whole.require_header("ETag")
+    for if_range, status in ((etag, 206), (f'"{ZERO}"', 200), (f"W/{etag}", 200),
+                             ("Wed, 21 Oct 2015 07:28:00 GMT", 200)):  # fmt: skip
+        reply = get(server, path, {"Range": "bytes=0-9", "If-Range": if_range})
+        assert reply.status == status, if_range
+        assert reply.body == (whole.body[:10] if status == 206 else whole.body)
     bad = get(server, path, {"Range": f"bytes={size}-"})
     assert_error(bad, 416, "RANGE_INVALID")
     assert bad.header("Content-Range") == f"bytes */{size}"
