@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("nixery.access")
 
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
-WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
 REQUEST_ID = "X-Request-Id"
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SERVED_KINDS = {"blob": "blob", "manifest": "manifest"}  # route name -> bytes-served kind
@@ -132,8 +131,12 @@ def _blob_response(digest: str, location: BlobLocation, storage: Storage) -> HTT
     if etag_matches(header(request.environ, "If-None-Match", ""), etag):
         return HTTPResponse(status=304, headers=headers)
     size = location.size
+    wanted = header(request.environ, "Range")
+    if_range = header(request.environ, "If-Range")
+    if if_range and if_range.strip() != etag:
+        wanted = ""  # a validator of some other content (or a date): the whole blob
     try:
-        span = byte_range(header(request.environ, "Range"), size)
+        span = byte_range(wanted, size)
     except RegistryError as exc:
         response = error_response(exc)
         response.set_header("Content-Range", f"bytes */{size}")
@@ -307,7 +310,7 @@ def create_app(
     @app.get("/v2/<name:path>/tags/list", name="tags")
     def tags(name: str) -> HTTPResponse:
         n = _page_size(request.query.get("n"))
-        last = request.query.get("last")
+        last = request.query.get("last") or None  # `last=` is the first page, as in distribution
         if last is not None:
             validate_tag(last)
         page, more = tag_page(service.tags(name), n, last)
@@ -326,13 +329,18 @@ def create_app(
             headers["OCI-Filters-Applied"] = "artifactType"
         return HTTPResponse(index_document(Format.OCI, []).data, headers=headers)
 
-    @app.route("/v2/<path:path>", method=WRITE_METHODS, name="unsupported")
-    def unsupported(path: str) -> HTTPResponse:
+    # Any method a route does not take (PUT, OPTIONS, ...): Bottle would answer in HTML.
+    @app.route("/", method="ANY", name="unsupported")
+    @app.route("/<path:path>", method="ANY", name="unsupported")
+    def unsupported(path: str = "") -> HTTPResponse:
         raise RegistryError(
-            ErrorCode.UNSUPPORTED, {"method": request.method}, "this registry is pull-only"
+            ErrorCode.UNSUPPORTED,
+            {"method": request.method[:20]},
+            "this registry is pull-only",
+            headers={"Allow": "GET, HEAD"},
         )
 
-    @app.route("/<path:path>", method=["GET", *WRITE_METHODS], name="not_found")
+    @app.get("/<path:path>", name="not_found")
     def not_found(path: str) -> HTTPResponse:
         raise RegistryError(ErrorCode.NAME_UNKNOWN, {"path": "/" + path[:200]}, "no such endpoint")
 

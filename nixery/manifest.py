@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -30,6 +31,7 @@ INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
 CA_FILE = "/etc/ssl/certs/ca-bundle.crt"
+REFUSED = re.compile(r"[qQ]\s*=\s*0(\.0{0,3})?")  # an Accept parameter: not acceptable
 
 
 class Format(Enum):
@@ -98,18 +100,22 @@ class Negotiated:
 
 
 def parse_accept(values: Iterable[str]) -> set[str]:
-    """All media types named over every Accept header line, without params."""
+    """All media types named over every Accept header line, without params.
+
+    A type with `q=0` is one the client refuses (RFC 9110), so it is left out.
+    """
     types: set[str] = set()
     for value in values:
         for part in value.split(","):
-            media = part.split(";", 1)[0].strip().lower()
-            if media:
+            media, *params = part.split(";")
+            media = media.strip().lower()
+            if media and not any(REFUSED.fullmatch(p.strip()) for p in params):
                 types.add(media)
     return types
 
 
 def negotiate(accept: Iterable[str]) -> Negotiated:
-    """Choose dialects from the set of accepted types; order and q-values carry no weight.
+    """Choose dialects from the set of accepted types; order and non-zero q-values carry no weight.
 
     A list is only answered in a dialect whose list type the client named, and
     its entries are manifests of that same dialect.

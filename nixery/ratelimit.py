@@ -33,8 +33,9 @@ class TokenBuckets:
 
     def take(self, key: str) -> float:
         """Spend one token; return 0, or the seconds to wait when none is left."""
-        now = self._clock()
         with self._lock:
+            # Read under the lock: a time older than the last refill would take tokens back.
+            now = self._clock()
             tokens, last = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
             if tokens >= 1:

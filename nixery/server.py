@@ -20,9 +20,10 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, BinaryIO
@@ -43,6 +44,8 @@ HEAD_TIMEOUT = 10
 LISTEN_BACKLOG = 1024  # cheroot's default of 5 drops bursts of new connections
 MAX_HEADER_SIZE = 64 * 1024
 MAX_BODY_SIZE = 1024 * 1024  # pull-only: no request needs a body
+# What writing to a client that closed its connection raises (TLS: unexpected EOF).
+CLIENT_GONE = (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 class HeadDeadlines:
@@ -135,6 +138,14 @@ class Server(wsgi.Server):
         self.head_deadlines.stop()
         super().stop()
 
+    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+        # cheroot writes these to stderr itself, which would break one-line
+        # (JSON) logs; a client that hung up mid-response is no server error.
+        if isinstance(sys.exc_info()[1], CLIENT_GONE):
+            log.debug("client went away: %s", msg)
+            return
+        log.log(level, "%s", msg, exc_info=traceback)
+
 
 class LazyHandshakeSSLAdapter(BuiltinSSLAdapter):
     """cheroot's builtin adapter, with the handshake moved to the first read.
@@ -159,7 +170,16 @@ class FileWrapper:
         self.block_size = max(block_size, FILE_CHUNK)
 
     def __iter__(self) -> Iterator[bytes]:
-        while chunk := self.fh.read(self.block_size):
+        return self.chunks(None)
+
+    def chunks(self, limit: int | None) -> Iterator[bytes]:
+        """The file from its position, up to `limit` bytes if one is given."""
+        while limit is None or limit > 0:
+            chunk = self.fh.read(self.block_size if limit is None else min(self.block_size, limit))
+            if not chunk:
+                return
+            if limit is not None:
+                limit -= len(chunk)
             yield chunk
 
     def close(self) -> None:
@@ -177,10 +197,15 @@ class _Gateway(wsgi.Gateway_10):
     def respond(self) -> None:
         response = self.req.server.wsgi_app(self.env, self.start_response)
         try:
-            if not (isinstance(response, FileWrapper) and self._sendfile(response.fh)):
-                for chunk in response:
-                    if chunk:
-                        self.write(chunk)
+            chunks: Iterable[bytes] = response
+            if isinstance(response, FileWrapper):
+                # Without sendfile, stop at Content-Length: a range may end
+                # before the file does.
+                sent = self._sendfile(response.fh)
+                chunks = () if sent else response.chunks(self.remaining_bytes_out)
+            for chunk in chunks:
+                if chunk:
+                    self.write(chunk)
         finally:
             self.req.ensure_headers_sent()
             if hasattr(response, "close"):

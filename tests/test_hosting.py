@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nixery.manifest import OCI_MANIFEST
 from nixery.ratelimit import TokenBuckets
 from tests.attack import raw_request, self_signed_certificate
 from tests.clients import run
@@ -72,6 +76,63 @@ def test_tls_serves_pulls_and_survives_silent_handshakes(
 
 def port(server: Server) -> int:
     return int(server.host.rsplit(":", 1)[1])
+
+
+def hang_up_mid_response(server: Server, path: str, tls: ssl.SSLContext) -> None:
+    """Ask for `path`, read a little, then reset the connection."""
+    sock = socket.create_connection(("127.0.0.1", port(server)), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with tls.wrap_socket(sock, server_hostname="127.0.0.1") as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {server.host}\r\n\r\n".encode())
+        conn.recv(1024)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_tls_serves_ranges_and_takes_hang_ups_quietly(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Over TLS blobs are not sent with sendfile(2): the server reads the file itself."""
+    base = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed_certificate(base)
+    args = ("--tls-cert", str(cert), "--tls-key", str(key), "--log-format", "json")
+    server = launch_server(base, *args)
+    try:
+        tls = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", port(server), context=tls, timeout=120)
+        conn.request("GET", "/v2/hello/manifests/latest", headers={"Accept": OCI_MANIFEST})
+        layers = json.loads(conn.getresponse().read())["layers"]
+        path = "/v2/hello/blobs/" + max(layers, key=lambda layer: layer["size"])["digest"]
+        conn.request("GET", path)
+        whole = conn.getresponse().read()
+        size = len(whole)
+        assert size > 1 << 20  # more than one read of the file
+        # One connection throughout: each answer must end where its length says.
+        for first, last in ((0, 99), (10, size // 2), (size - 7, size - 1), (5, size - 2)):
+            conn.request("GET", path, headers={"Range": f"bytes={first}-{last}"})
+            part = conn.getresponse()
+            assert part.status == 206, part.read()[:200]
+            assert part.getheader("Content-Range") == f"bytes {first}-{last}/{size}"
+            assert part.read() == whole[first : last + 1]
+        conn.close()
+
+        for _ in range(10):
+            hang_up_mid_response(server, path, tls)
+        assert raw_request(server.host, b"/v2/", tls=tls, timeout=30).status == 200
+    finally:
+        server.stop()
+    # Clients that hang up are no server error, and every log line stays JSON.
+    lines = server.log_text().splitlines()
+    assert lines and [line for line in lines if not _json_object(line)] == []
+    records = [_json_object(line) for line in lines]
+    assert [r for r in records if r["logger"] == "nixery.server" and r["level"] != "INFO"] == []
+
+
+def _json_object(line: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def test_idle_and_slow_clients_do_not_hold_all_workers(server: Server) -> None:
@@ -148,6 +209,33 @@ def test_token_buckets_refill_and_forget() -> None:
     assert buckets.take("b") == 0  # each client has its own bucket
     now[0] = 1.5
     assert buckets.take("a") == 0
+
+
+def test_token_buckets_never_charge_a_request_for_time_seen_by_a_later_one() -> None:
+    """Two requests at once: the one that read the clock first is slowed down
+    (by the clock itself) until the other has been counted."""
+    first_read = threading.Event()
+    second_counted = threading.Event()
+    readings = iter([0.0, 5.0, 6.0])
+
+    def clock() -> float:
+        value = next(readings)
+        if value == 5.0:
+            first_read.set()
+            # With the clock read under the lock, the other request waits instead.
+            second_counted.wait(1)
+        return value
+
+    buckets = TokenBuckets(rate=1, burst=2, clock=clock)
+    assert buckets.take("a") == 0  # at 0: one token left, and the bucket is full again at 1
+    waits: dict[str, float] = {}
+    first = threading.Thread(target=lambda: waits.update(first=buckets.take("a")))
+    first.start()
+    assert first_read.wait(10)
+    waits["second"] = buckets.take("a")
+    second_counted.set()
+    first.join(10)
+    assert waits == {"first": 0, "second": 0}  # two tokens at 5 and 6, two requests
 
 
 def test_unknown_tls_files_are_a_clear_startup_error(tmp_path: Path) -> None:

@@ -124,6 +124,13 @@ def test_each_client_accept_shape_gets_the_oci_index(server: Server, client: str
     assert reply.header("Content-Type") == reply.json()["mediaType"] == OCI_INDEX
 
 
+def test_a_list_refused_with_q_zero_is_not_sent(server: Server) -> None:
+    accept = f"{OCI_INDEX};q=0, {DOCKER_LIST}; q=0.0, {OCI_MANIFEST}, {DOCKER_MANIFEST};q=0.5"
+    reply = get(server, f"/v2/{IMAGE}/manifests/latest", {"Accept": accept})
+    assert reply.status == 200
+    assert reply.header("Content-Type") == reply.json()["mediaType"] == OCI_MANIFEST
+
+
 def test_index_holds_one_manifest_per_platform_in_its_own_dialect(
     server: Server, tagged: dict[str | None, Reply]
 ) -> None:
@@ -204,6 +211,13 @@ def test_blob_get_head_and_ranges(server: Server, tagged: dict[str | None, Reply
             assert part.body == (whole.body[start:end] if method == "GET" else b"")
     for ignored in ("items=0-1", "bytes=0-1,5-6"):
         assert get(server, path, {"Range": ignored}).body == whole.body
+    # If-Range: the range only for this very content (strong ETag match), else all of it.
+    etag = whole.require_header("ETag")
+    for if_range, status in ((etag, 206), (f'"{ZERO}"', 200), (f"W/{etag}", 200),
+                             ("Wed, 21 Oct 2015 07:28:00 GMT", 200)):  # fmt: skip
+        reply = get(server, path, {"Range": "bytes=0-9", "If-Range": if_range})
+        assert reply.status == status, if_range
+        assert reply.body == (whole.body[:10] if status == 206 else whole.body)
     bad = get(server, path, {"Range": f"bytes={size}-"})
     assert_error(bad, 416, "RANGE_INVALID")
     assert bad.header("Content-Range") == f"bytes */{size}"
@@ -261,6 +275,8 @@ def test_tags_list(server: Server) -> None:
         ("n=0", []),
         ("last=latest", []),
         ("n=5&last=a", ["latest"]),
+        ("last=", ["latest"]),
+        ("n=1&last=", ["latest"]),
     ):
         reply = get(server, f"/v2/{IMAGE}/tags/list?{query}")
         assert reply.status == 200 and reply.json()["tags"] == tags, query
@@ -302,7 +318,19 @@ WRITES = [
 
 @pytest.mark.parametrize("method, path", WRITES)
 def test_writes_are_unsupported(server: Server, method: str, path: str) -> None:
-    assert_error(get(server, path, method=method), 405, "UNSUPPORTED")
+    reply = get(server, path, method=method)
+    assert_error(reply, 405, "UNSUPPORTED")
+    assert reply.header("Allow") == "GET, HEAD"
+
+
+def test_every_other_method_is_unsupported_in_json(server: Server) -> None:
+    """CORS preflights, WebDAV and made-up methods get the registry's 405, too."""
+    for method in ("OPTIONS", "TRACE", "PROPFIND", "FROB"):
+        for path in ("/v2/", "/v2", f"/v2/{IMAGE}/manifests/latest", f"/v2/{IMAGE}/blobs/{ZERO}",
+                     "/", "/nope"):  # fmt: skip
+            reply = get(server, path, method=method)
+            assert_error(reply, 405, "UNSUPPORTED")
+            assert reply.header("Allow") == "GET, HEAD", (method, path)
 
 
 def test_upload_locations_are_unknown(server: Server) -> None:

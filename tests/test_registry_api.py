@@ -64,6 +64,13 @@ def test_a_list_is_only_sent_in_a_dialect_the_client_named() -> None:
     assert got.formats == (Format.OCI, Format.DOCKER) and got.index_format is None
 
 
+def test_types_with_q_zero_are_refused() -> None:
+    assert not negotiate([f"{OCI_INDEX};q=0, {OCI_MANIFEST}"]).index
+    got = negotiate([f"{OCI_MANIFEST}; Q=0.000, {DOCKER_MANIFEST}", f"{DOCKER_LIST}; q=0.001"])
+    assert got.formats == (Format.DOCKER,) and got.index_format is Format.DOCKER
+    assert negotiate([f"{OCI_INDEX}; q=0.0, {DOCKER_MANIFEST};q=0"]).formats == (Format.OCI,)
+
+
 def test_etag_matching() -> None:
     etag = '"sha256:' + "a" * 64 + '"'
     assert etag_matches(etag, etag)
