@@ -17,6 +17,9 @@ from bottle import request
 from nixery.errors import ErrorCode, RegistryError
 
 MAX_CLIENTS = 100_000
+# Probes and scrapes come from the node or the monitoring host, whose other
+# traffic may be throttled; a 429 there would restart a healthy server.
+EXEMPT_ROUTES = frozenset({"healthz", "metrics"})
 
 
 class TokenBuckets:
@@ -62,6 +65,9 @@ class RateLimit:
         self.buckets = TokenBuckets(rate, burst)
 
     def apply(self, callback: Callable[..., Any], route: Any) -> Callable[..., Any]:
+        if route.name in EXEMPT_ROUTES:
+            return callback
+
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             # REMOTE_ADDR, not X-Forwarded-For: clients can forge that header.
             wait = self.buckets.take(request.environ.get("REMOTE_ADDR", ""))

@@ -197,6 +197,9 @@ def test_rate_limit_answers_429_with_retry_after(start_server: StartServer) -> N
     # X-Forwarded-For is the client's say-so; it must not open a new bucket.
     forged = call(server.host, "GET", "/v2/", {"X-Forwarded-For": "10.9.8.7"})
     assert forged.status == 429
+    # Health probes and metric scrapes from a throttled address still pass.
+    assert call(server.host, "GET", "/healthz").status == 200
+    assert call(server.host, "GET", "/metrics").status == 200
     time.sleep(int(reply.require_header("Retry-After")))
     assert call(server.host, "GET", "/v2/").status == 200
 
