@@ -111,11 +111,17 @@ class CommandTimeout(NixeryError):
 
 
 class UnknownPackages(NixeryError):
-    """Some requested package names do not resolve in the package set."""
+    """Some requested package names do not resolve in the package set, or
+    name a package that refuses to evaluate (`refused`: name -> reason)."""
 
-    def __init__(self, names: list[str]):
-        super().__init__("unknown packages: " + ", ".join(names))
+    def __init__(self, names: list[str], refused: Mapping[str, str] | None = None):
         self.names = names
+        self.refused = dict(refused or {})
+        parts = ["unknown packages: " + ", ".join(names)] if names else []
+        if self.refused:
+            reasons = "; ".join(f"{name}: {why}" for name, why in sorted(self.refused.items()))
+            parts.append("packages that do not evaluate: " + reasons)
+        super().__init__("; ".join(parts))
 
 
 class BuildFailed(NixeryError):

@@ -501,15 +501,15 @@ class ImageService:
                 on_log,
             )
         except UnknownPackages as exc:
-            detail: dict[str, Any] = {"unknown_packages": exc.names}
-            suggestions = self._suggestions(source, platform, exc.names)
+            detail: dict[str, Any] = {}
+            if exc.names:
+                detail["unknown_packages"] = exc.names
+            if exc.refused:
+                detail["refused_packages"] = exc.refused
+            suggestions = self._suggestions(source, platform, exc.names) if exc.names else {}
             if suggestions:
                 detail["suggestions"] = suggestions
-            raise RegistryError(
-                ErrorCode.MANIFEST_UNKNOWN,
-                detail,
-                message="unknown packages: " + ", ".join(exc.names),
-            ) from exc
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
         evaluated = time.perf_counter()
         built, packed, profile = self._pack(packages, platform, build)
         stored = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,11 @@ from nixery.errors import (
 from nixery.graph import ClosureGraph, parse_registration
 
 LOG_TAIL_LINES = 30
+# Refused names whose error is looked up (one evaluation each); the rest get
+# a generic reason.
+MAX_EXPLAINED = 4
+MAX_REASON_LENGTH = 500
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 FLAKES = ["--extra-experimental-features", "nix-command flakes"]
 
 # Store paths per command line when a command takes many (well below ARG_MAX).
@@ -124,6 +130,10 @@ class Nix:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)
+        # nixpkgs reads these in every evaluation; what a name means must
+        # depend on the configured package set only.
+        for name in [n for n in env if n == "NIXPKGS_CONFIG" or n.startswith("NIXPKGS_ALLOW_")]:
+            del env[name]
         # Builders run as nixbld users and need to reach their TMPDIR.
         if not _world_accessible(env.get("TMPDIR", "/tmp")):
             env["TMPDIR"] = "/tmp"
@@ -154,19 +164,40 @@ class Nix:
         overlays: Sequence[str] = (),
         on_log: LogListener | None = None,
     ) -> list[ResolvedPackage]:
-        """Look every name up at once; raise UnknownPackages naming all misses."""
+        """Look every name up at once; raise UnknownPackages naming all misses
+        and, with Nix's reason, every name that refuses to evaluate."""
         args: dict[str, Any] = {
             "system": system,
             "packages": list(packages),
             "overlays": list(overlays),
         }
         result = self._evaluate(source, args, on_log)
-        if result["unknown"]:
-            raise UnknownPackages(sorted(result["unknown"]))
+        if result["unknown"] or result["refused"]:
+            refused = sorted(result["refused"])
+            reasons = {
+                name: self._refusal(source, {**args, "packages": [name]})
+                if i < MAX_EXPLAINED
+                else "does not evaluate"
+                for i, name in enumerate(refused)
+            }
+            raise UnknownPackages(sorted(result["unknown"]), reasons)
         return [
             ResolvedPackage(p["name"], p["attrPath"], p["drv"], p["out"], p["output"])
             for p in result["packages"]
         ]
+
+    def _refusal(self, source: NixSource, args: dict[str, Any]) -> str:
+        """Why the one package in `args` refuses to evaluate: the first
+        paragraph of Nix's last error message (tryEval hides it)."""
+        try:
+            self._evaluate(source, {**args, "explain": True})
+        except BuildFailed as exc:
+            cause = exc.__cause__
+            if isinstance(cause, CommandError):
+                reason = _error_message(cause.stderr)
+                if reason:
+                    return reason
+        return "does not evaluate"
 
     def describe(
         self,
@@ -329,6 +360,22 @@ def temporary_roots() -> Iterator[str]:
 def _chunks(items: Sequence[str], size: int = PATHS_PER_CALL) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _error_message(stderr: str) -> str:
+    """The first paragraph of the last `error:` in Nix's output (older Nix
+    prints the message alone, newer Nix after a few trace lines)."""
+    lines = [ANSI_RE.sub("", line).strip() for line in stderr.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:") and line[6:].strip()]
+    if not starts:
+        return ""
+    paragraph: list[str] = []
+    for line in lines[starts[-1] :]:
+        if not line or line.startswith("(use '--show-trace'") or line.startswith("(stack trace"):
+            break
+        paragraph.append(line)
+    message = " ".join(paragraph).removeprefix("error:").strip()
+    return message[:MAX_REASON_LENGTH]
 
 
 def _tail(stderr: str) -> str:

@@ -11,11 +11,14 @@
 #   packages = [ "hello" "haskellPackages.pandoc" ... ];
 #   describe = true;        # optional: add `version` and `description`
 #   listAttributes = true;  # optional: add the set's top-level names
+#   explain = true;         # optional: fail with the error of the first refused name
 # }
 #
-# Result: { unknown = [ name ... ]; packages = [ { name, attrPath, drv, out,
-# output } ... ]; } where `unknown` lists every name that does not
-# resolve to a derivation; with `listAttributes`, also `attributes`.
+# Result: { unknown = [ name ... ]; refused = [ name ... ]; packages = [ {
+# name, attrPath, drv, out, output } ... ]; } where `unknown` lists every
+# name that does not resolve to a derivation and `refused` every name that
+# exists but throws when evaluated (an unfree, broken or insecure package, a
+# removed alias); with `listAttributes`, also `attributes`.
 { argsFile }:
 let
   args = builtins.fromJSON (builtins.readFile argsFile);
@@ -44,9 +47,12 @@ let
       in fix (final: builtins.foldl' (prev: overlay: prev // overlay final prev) set overlays);
 
   imported = loadSource args.source;
+  # Without a `config`, nixpkgs reads the server's ~/.config/nixpkgs or
+  # $NIXPKGS_CONFIG, which would change packages behind the cache key.
   pkgs =
     if builtins.isFunction imported
-    then imported { system = args.system; inherit overlays; }
+    then imported ({ system = args.system; inherit overlays; }
+      // (if builtins.functionArgs imported ? config then { config = { }; } else { }))
     else withOverlays imported;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
@@ -68,9 +74,17 @@ let
         ok = (builtins.tryEval (builtins.isAttrs set)).value or false;
         key = if ok then findKey set (builtins.head parts) else null;
         child = builtins.tryEval (builtins.getAttr key set);
-        rest = if key == null || !child.success then { found = false; } else lookup child.value (builtins.tail parts);
+        rest =
+          if key == null then { found = false; }
+          else if !child.success then { found = false; refused = true; }
+          else lookup child.value (builtins.tail parts);
       in
-      if rest.found then rest // { path = [ key ] ++ rest.path; } else { found = false; };
+      if rest.found then rest // { path = [ key ] ++ rest.path; } else rest;
+
+  # The same walk without tryEval, so that Nix reports a refused name's error.
+  force = set: parts:
+    if parts == [ ] then set.drvPath
+    else force (builtins.getAttr (findKey set (builtins.head parts)) set) (builtins.tail parts);
 
   splitName = name: builtins.filter builtins.isString (builtins.split "\\." name);
 
@@ -84,25 +98,34 @@ let
     description = stringOrNull (v.meta.description or null);
   };
 
+  refuse = name:
+    if args.explain or false
+    then builtins.seq (force pkgs (splitName name)) { inherit name; refused = true; }
+    else { inherit name; refused = true; };
+
   resolve = name:
     let
       r = lookup pkgs (splitName name);
-      isDrv = r.found && (builtins.tryEval (isDerivation r.value)).value or false;
+      isDrv = builtins.tryEval (isDerivation r.value);
       drv = builtins.tryEval r.value.drvPath;
     in
-    if isDrv && drv.success then {
+    if !r.found then (if r.refused or false then refuse name else { inherit name; unknown = true; })
+    else if !isDrv.success then refuse name
+    else if !isDrv.value then { inherit name; unknown = true; }
+    else if !drv.success then refuse name
+    else {
       inherit name;
       attrPath = builtins.concatStringsSep "." r.path;
       # Not `outPath`: an attrset with that key is serialised as a bare path.
       drv = builtins.unsafeDiscardStringContext drv.value;
       out = builtins.unsafeDiscardStringContext r.value.outPath;
       output = r.value.outputName or "out";
-    } // (if args.describe or false then describe r.value else { })
-    else { inherit name; unknown = true; };
+    } // (if args.describe or false then describe r.value else { });
 
   results = map resolve args.packages;
 in
 {
   unknown = map (r: r.name) (builtins.filter (r: r ? unknown) results);
-  packages = builtins.filter (r: !(r ? unknown)) results;
+  refused = map (r: r.name) (builtins.filter (r: r ? refused) results);
+  packages = builtins.filter (r: r ? drv) results;
 } // (if args.listAttributes or false then { attributes = builtins.attrNames pkgs; } else { })
