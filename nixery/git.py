@@ -17,6 +17,10 @@ from nixery import process
 from nixery.errors import CommandError, CommandTimeout, SourceUnavailable
 
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+# `git archive` leaves out export-ignore files and expands export-subst
+# placeholders; the mirror's own attributes, which win over the tree's, turn
+# both off so that the export is the commit's content as Nix would see it.
+ARCHIVE_ATTRIBUTES = "* -export-ignore -export-subst\n"
 HEADS = "refs/heads/"
 TAGS = "refs/tags/"
 
@@ -141,6 +145,10 @@ class Mirror:
         """Write the commit's tree as an uncompressed tar under `prefix/`."""
         if not is_commit(commit):
             raise ValueError(f"not a commit: {commit[:80]!r}")
+        info = os.path.join(self.directory, "info")
+        os.makedirs(info, exist_ok=True)
+        with open(os.path.join(info, "attributes"), "w") as fh:
+            fh.write(ARCHIVE_ATTRIBUTES)
         self._git(
             ["archive", "--format=tar", f"--prefix={prefix}/", "-o", tar_file, commit],
             f"exporting {commit}",

@@ -14,6 +14,7 @@ from nixery.errors import ConfigError
 from nixery.fingerprint import Fingerprinter
 from nixery.sources import Sources, source_config
 from tests.sourcefixtures import PkgsRepo, make_pkgs_repo
+from tests.sourcefixtures import git as run_git
 
 LS_REMOTE = """\
 {a}\tHEAD
@@ -146,3 +147,24 @@ def test_flake_refs_for_tags(repo: PkgsRepo) -> None:
     )
     flake = Sources(source_config(None, None, None, f"git+{repo.url}"))
     assert flake.tags() == ["latest", "main", "stable", "v1", "v2"]
+
+
+def test_export_is_the_commits_content_whatever_its_gitattributes_say(tmp_path: Path) -> None:
+    # `git archive` drops export-ignore files and expands export-subst
+    # placeholders; Nix (and a checkout) would see the files as committed.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "default.nix").write_text("import ./packages.nix\n")
+    (work / "packages.nix").write_text('{ rev = "$Format:%H$"; }\n')
+    (work / ".gitattributes").write_text("packages.nix export-ignore export-subst\n")
+    run_git(work, "init", "--quiet")
+    run_git(work, "add", ".")
+    run_git(work, "commit", "--quiet", "-m", "packages")
+    commit = run_git(work, "rev-parse", "HEAD")
+    mirror = git.Mirror(str(work), str(tmp_path / "mirror.git"), timeout=30)
+    assert mirror.ensure(commit)
+    mirror.archive(commit, str(tmp_path / "out.tar"), "source")
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        packages = tar.extractfile("source/packages.nix")
+        assert packages is not None
+        assert packages.read() == b'{ rev = "$Format:%H$"; }\n'
