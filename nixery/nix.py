@@ -119,10 +119,12 @@ class Nix:
         what: str,
         timeout: float | None = None,
         on_log: LogListener | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> process.Completed:
         timeout = timeout or self.timeout
+        environment = {**self._environment(), **(env or {})}
         try:
-            return process.run(argv, timeout=timeout, env=self._environment(), on_stderr=on_log)
+            return process.run(argv, timeout=timeout, env=environment, on_stderr=on_log)
         except CommandTimeout as exc:
             raise BuildFailed(f"{what} timed out after {timeout:g}s", _tail(exc.stderr)) from exc
         except CommandError as exc:
@@ -132,7 +134,7 @@ class Nix:
         env = dict(os.environ if self.env is None else self.env)
         # nixpkgs reads these in every evaluation; what a name means must
         # depend on the configured package set only.
-        for name in [n for n in env if n == "NIXPKGS_CONFIG" or n.startswith("NIXPKGS_ALLOW_")]:
+        for name in [n for n in env if n.startswith("NIXPKGS_ALLOW_")]:
             del env[name]
         # Builders run as nixbld users and need to reach their TMPDIR.
         if not _world_accessible(env.get("TMPDIR", "/tmp")):
@@ -147,13 +149,15 @@ class Nix:
             json.dump({"source": source.to_json(), **args}, fh)
             fh.flush()
             os.chmod(fh.name, 0o644)
-            with resources.as_file(resources.files("nixery") / "nixexprs" / "resolve.nix") as expr:
+            with resources.as_file(resources.files("nixery") / "nixexprs") as exprs:
                 flakes = FLAKES if source.kind == "flake" else []
                 argv = [
                     "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
-                    *flakes, *self._options(), str(expr), "--argstr", "argsFile", fh.name,
+                    *flakes, *self._options(), str(exprs / "resolve.nix"),
+                    "--argstr", "argsFile", fh.name,
                 ]  # fmt: skip
-                completed = self._run(argv, "evaluating the package set", on_log=on_log)
+                config = {"NIXPKGS_CONFIG": str(exprs / "nixpkgs-config.nix")}
+                completed = self._run(argv, "evaluating the package set", on_log=on_log, env=config)
                 return json.loads(completed.stdout)
 
     def resolve(

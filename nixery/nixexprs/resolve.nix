@@ -47,12 +47,9 @@ let
       in fix (final: builtins.foldl' (prev: overlay: prev // overlay final prev) set overlays);
 
   imported = loadSource args.source;
-  # Without a `config`, nixpkgs reads the server's ~/.config/nixpkgs or
-  # $NIXPKGS_CONFIG, which would change packages behind the cache key.
   pkgs =
     if builtins.isFunction imported
-    then imported ({ system = args.system; inherit overlays; }
-      // (if builtins.functionArgs imported ? config then { config = { }; } else { }))
+    then imported { system = args.system; inherit overlays; }
     else withOverlays imported;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
