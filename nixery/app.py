@@ -89,6 +89,9 @@ def _manifest_response(document: Document) -> HTTPResponse:
         "Docker-Content-Digest": document.digest,
         "ETag": etag,
         "Content-Length": str(len(document.data)),
+        # A tag names an index, a manifest or another dialect by Accept:
+        # caches in front of the registry must key on it.
+        "Vary": "Accept",
     }
     if etag_matches(header(request.environ, "If-None-Match", ""), etag):
         return HTTPResponse(status=304, headers=headers)

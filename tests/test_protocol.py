@@ -97,6 +97,10 @@ def test_manifest_get_and_head_agree(
             assert reply.header(name) == by_tag.header(name), name
 
 
+def test_manifests_vary_by_accept(tagged: dict[str | None, Reply]) -> None:
+    assert {reply.header("Vary") for reply in tagged.values()} == {"Accept"}
+
+
 def test_if_none_match_answers_304(server: Server, tagged: dict[str | None, Reply]) -> None:
     first = tagged[OCI_INDEX]
     etag = first.require_header("ETag")
