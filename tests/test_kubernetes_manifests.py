@@ -3,6 +3,7 @@ parse, hang together, and configure a Nixery that accepts the configuration."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from nixery.config import Settings
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
 VARIANTS = ["single", "scaled"]
+EVAL_IMAGE = ROOT / "tests" / "nixos" / "eval-image.nix"
 SDK_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "NIX_CONFIG"}
 
 
@@ -46,6 +48,11 @@ def one(variant: str, kind: str) -> dict[str, Any]:
 def container(variant: str) -> dict[str, Any]:
     [c] = one(variant, "Deployment")["spec"]["template"]["spec"]["containers"]
     return c
+
+
+def pod_labels(variant: str) -> dict[str, str]:
+    labels: dict[str, str] = one(variant, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return labels
 
 
 def serve_variables() -> set[str]:
@@ -124,6 +131,16 @@ def test_scaled_runs_several_replicas_on_s3() -> None:
     assert budget["spec"]["minAvailable"] < one("scaled", "Deployment")["spec"]["replicas"]
 
 
+def test_scaled_selectors_pick_the_deployments_pods() -> None:
+    """A selector that matches nothing is valid YAML and silently does nothing."""
+    labels = pod_labels("scaled").items()
+    budget = one("scaled", "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels
+    affinity = one("scaled", "Deployment")["spec"]["template"]["spec"]["affinity"]
+    for term in affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]:
+        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels
+
+
 def test_single_keeps_its_storage_on_a_volume() -> None:
     deployment = one("single", "Deployment")
     assert deployment["spec"]["replicas"] == 1
@@ -142,3 +159,29 @@ def test_single_keeps_its_storage_on_a_volume() -> None:
 @pytest.mark.nix
 def test_image_expression_parses() -> None:
     process.run(["nix-instantiate", "--parse", str(ROOT / "nix" / "pkgs" / "image.nix")])
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_image_runs_what_the_manifests_expect(variant: str) -> None:
+    """nix/pkgs/image.nix, evaluated with stand-ins (tests/nixos/eval-image.nix)."""
+    image = json.loads(
+        process.run(["nix-instantiate", "--eval", "--strict", "--json", str(EVAL_IMAGE)]).stdout
+    )
+    config = image["config"]
+    assert config["Entrypoint"][0].endswith("/bin/nixery") and config["Entrypoint"][1:] == ["serve"]
+    c = container(variant)
+    assert config["ExposedPorts"].keys() == {f"{p['containerPort']}/tcp" for p in c["ports"]}
+    env = dict(line.split("=", 1) for line in config["Env"])
+    assert {n for n in env if n.startswith("NIXERY_")} <= serve_variables()
+    # The image's storage path is the one the single layout mounts its claim at.
+    storage = one("single", "ConfigMap")["data"].get("NIXERY_STORAGE_PATH")
+    assert storage in (None, env["NIXERY_STORAGE_PATH"])
+    assert "var/cache/nixery" in image["extraCommands"].split()
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    if variant == "single":
+        assert env["NIXERY_STORAGE_PATH"] in mounts
+    # Nix runs single-user as root in the pod: no build users, no sandbox.
+    [nix_conf] = [p["text"] for p in image["contents"] if isinstance(p, dict)]
+    assert "build-users-group =\n" in nix_conf and "sandbox = false\n" in nix_conf
+    assert "/tmp" in mounts
