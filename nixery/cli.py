@@ -385,10 +385,10 @@ def serve(**options: Any) -> None:
     try:
         settings = Settings.from_options(options)
         app = build_app(settings)
+        threads = settings.max_waiting + RESERVED_THREADS
+        run_server(app, settings.host, settings.port, threads, tls=settings.security.tls)
     except NixeryError as exc:
         raise click.ClickException(str(exc)) from exc
-    threads = settings.max_waiting + RESERVED_THREADS
-    run_server(app, settings.host, settings.port, threads, tls=settings.security.tls)
 
 
 @main.command()

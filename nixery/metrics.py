@@ -20,6 +20,9 @@ from nixery.activity import (
 
 CACHES = ("image", "layer")
 BUILD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# The HTTP methods (RFC 9110, and PATCH) a label may name; clients may send any
+# token as a method, and each new label value would be a new series.
+METHODS = frozenset("GET HEAD POST PUT PATCH DELETE OPTIONS TRACE CONNECT".split())
 
 
 class Metrics(BuildEvents):
@@ -80,6 +83,7 @@ class Metrics(BuildEvents):
         self.cache.labels(cache, "hit" if hit else "miss").inc()
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        method = method if method in METHODS else "other"
         self.requests.labels(route, method, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 

@@ -11,6 +11,7 @@ from nixery.activity import Activity, BuildEvents, Fanout
 from nixery.app import create_app
 from nixery.auth import make_access_control
 from nixery.config import S3Settings, Settings
+from nixery.errors import ConfigError
 from nixery.health import Health, storage_writable
 from nixery.images import BuildSettings, ImageService
 from nixery.metrics import Metrics
@@ -43,7 +44,10 @@ def open_storage(s3: S3Settings | None, storage_path: str, clean_tmp: bool = Tru
             presign_expiry=s3.presign_expiry,
             public_base_url=s3.blob_base_url,
         )
-    return FilesystemStorage(storage_path, clean_tmp=clean_tmp)
+    try:
+        return FilesystemStorage(storage_path, clean_tmp=clean_tmp)
+    except OSError as exc:
+        raise ConfigError(f"cannot use storage path {storage_path}: {exc.strerror or exc}") from exc
 
 
 def make_nix(settings: Settings) -> Nix:

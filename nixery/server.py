@@ -33,6 +33,8 @@ from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
+from nixery.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 32
@@ -274,15 +276,37 @@ def serve(
     threads: int = DEFAULT_THREADS,
     tls: tuple[str, str] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM."""
-    server = make_server(app, host, port, threads, tls)
+    """Serve until SIGINT or SIGTERM, then finish the requests (and builds) in progress.
+
+    Raises ConfigError if the TLS files cannot be loaded or the address cannot be bound.
+    """
+    try:
+        server = make_server(app, host, port, threads, tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        files = f" {tls[0]} and key {tls[1]}" if tls else ""
+        raise ConfigError(f"cannot load TLS certificate{files}: {exc}") from exc
+    try:
+        server.prepare()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    stopping: list[threading.Thread] = []
+
+    def stop_server() -> None:
+        log.info("stopping: no new connections; finishing requests and builds in progress")
+        server.stop()
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=server.stop, daemon=True).start()
+        if not stopping:
+            stopping.append(threading.Thread(target=stop_server, name="stop", daemon=True))
+            stopping[0].start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.prepare()
     scheme = "https" if tls else "http"
     log.info("serving on %s://%s:%d", scheme, host, server.bind_addr[1])
     server.serve()
+    # Builds run in pools that refuse work once the interpreter shuts down:
+    # returning before they end would fail them half-way.
+    for thread in stopping:
+        thread.join()
+    log.info("stopped")

@@ -1,0 +1,109 @@
+"""Running the registry: startup errors, stopping, and bounded metrics, on the real server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import FIXTURE_PKGS, Server, StartServer
+from tests.gated import WAITING, GatedPackage
+from tests.http import Reply, call
+from tests.test_observability import OCI, activity, wait_until
+
+
+def serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`nixery serve` that is expected to refuse to start."""
+    argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1",
+            "--pkgs-path", str(FIXTURE_PKGS), *args]  # fmt: skip
+    if "--storage-path" not in args:
+        argv += ["--storage-path", str(tmp_path / "storage")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def assert_clear_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("Error: "), result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_a_port_in_use_or_an_unknown_host_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert_clear_error(serve(tmp_path, "--port", port), "127.0.0.1", port, "in use")
+    unknown = serve(tmp_path, "--port", "0", "--host", "no-such-host.invalid")
+    assert_clear_error(unknown, "no-such-host.invalid")
+
+
+def test_an_unusable_storage_path_or_tls_file_is_a_clear_error(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("not a directory")
+    assert_clear_error(serve(tmp_path, "--storage-path", str(file / "x")), str(file / "x"))
+    pem = tmp_path / "junk.pem"
+    pem.write_text("not a certificate\n")
+    result = serve(tmp_path, "--port", "0", "--tls-cert", str(pem), "--tls-key", str(pem))
+    assert_clear_error(result, str(pem))
+
+
+def methods(server: Server) -> set[str]:
+    reply = call(server.host, "GET", "/metrics")
+    found = set()
+    for family in text_string_to_metric_families(reply.body.decode()):
+        if family.name == "nixery_http_requests":
+            found |= {s.labels["method"] for s in family.samples}
+    return found
+
+
+def test_request_metrics_do_not_take_label_values_from_clients(server: Server) -> None:
+    for verb in ("FOO1", "FOO2", "BREW", "PUT", "OPTIONS"):
+        assert call(server.host, verb, "/v2/").status == 405
+    call(server.host, "HEAD", "/v2/")
+    assert methods(server) == {"GET", "HEAD", "PUT", "OPTIONS", "other"}
+
+
+@pytest.mark.e2e
+def test_sigterm_during_a_build_lets_it_finish_and_exits_cleanly(
+    start_server: StartServer, gated: GatedPackage
+) -> None:
+    server = start_server("--overlay", str(gated.overlay), "--nix-timeout", "120")
+    image = gated.name
+    replies: list[Reply] = []
+    pull = threading.Thread(
+        target=lambda: replies.append(
+            call(server.host, "GET", f"/v2/{image}/manifests/latest", {"Accept": OCI})
+        )
+    )
+    pull.start()
+
+    def waiting() -> Any:
+        return [b for b in activity(server)["running"] if WAITING in b["log"]]
+
+    wait_until("the build to wait at its gate", waiting)
+    server.process.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        server.process.wait(1)  # still finishing the build
+    gated.open()
+    assert server.process.wait(120) == 0
+    pull.join(10)
+    log = server.log_text()
+    assert "Traceback" not in log and "build failed" not in log, log
+    assert "stopping" in log and f"built {image}" in log, log
+
+    # The build was stored whole: a new server serves it without building.
+    again = start_server("--overlay", str(gated.overlay), storage=server.storage)
+    history = activity(again)
+    assert [r["image"] for r in history["builds"]] == [image] and not history["failures"]
+    reply = call(again.host, "GET", f"/v2/{image}/manifests/latest", {"Accept": OCI})
+    assert reply.status == 200
+    assert "build started" not in again.log_text()
