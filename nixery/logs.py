@@ -7,6 +7,7 @@ carries them without each call passing them along.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 from contextvars import ContextVar
@@ -17,6 +18,9 @@ from pythonjsonlogger.json import JsonFormatter
 
 FORMATS = ("text", "json")
 _STANDARD = frozenset(RESERVED_ATTRS) | {"taskName"}
+# Libraries that log whole requests at debug level: S3 request headers carry
+# the access key id and signatures, presigned URLs are credentials.
+QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
 _context: ContextVar[dict[str, Any]] = ContextVar("nixery_log_context", default={})  # noqa: B039
 
 
@@ -62,8 +66,14 @@ def _text(value: Any) -> str:
     return repr(text) if not text or any(c.isspace() or c in "\"'=" for c in text) else text
 
 
+class _JsonFormatter(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        # RFC 3339 in UTC: what log collectors parse, whatever the host's zone.
+        return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+
+
 def json_formatter() -> logging.Formatter:
-    return JsonFormatter(
+    return _JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
     )
@@ -79,3 +89,5 @@ def setup(level: str = "info", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(root.level, logging.INFO))

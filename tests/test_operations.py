@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -107,3 +110,27 @@ def test_sigterm_during_a_build_lets_it_finish_and_exits_cleanly(
     reply = call(again.host, "GET", f"/v2/{image}/manifests/latest", {"Accept": OCI})
     assert reply.status == 200
     assert "build started" not in again.log_text()
+
+
+def test_debug_json_logs_hold_no_s3_credentials_and_carry_utc_times(tmp_path: Path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    with closed:
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        argv = [sys.executable, "-m", "nixery", "serve", "--port", "0", "--pkgs-path",
+                str(FIXTURE_PKGS), "--storage-backend", "s3", "--s3-bucket", "b",
+                "--s3-endpoint", endpoint, "--s3-region", "us-east-1",
+                "--log-level", "debug", "--log-format", "json"]  # fmt: skip
+        secrets = {"AWS_ACCESS_KEY_ID": "AKIDLOGTEST", "AWS_SECRET_ACCESS_KEY": "s3cr3tLOGTEST"}
+        env = {**os.environ, **secrets, "TZ": "Asia/Tokyo"}
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1 and "checking bucket b" in result.stderr, result.stderr
+    *lines, error = result.stderr.splitlines()
+    assert error.startswith("Error: ")
+    entries = [json.loads(line) for line in lines]
+    assert entries, result.stderr
+    for secret in (*secrets.values(), "Authorization", "Signature"):
+        assert secret not in result.stderr
+    for entry in entries:
+        time = dt.datetime.fromisoformat(entry["time"])
+        assert time.utcoffset() == dt.timedelta(0), entry
