@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from typing import Any
@@ -20,6 +21,7 @@ FORMATS = ("text", "json")
 _STANDARD = frozenset(RESERVED_ATTRS) | {"taskName"}
 # Libraries that log whole requests at debug level: S3 request headers carry
 # the access key id and signatures, presigned URLs are credentials.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
 _context: ContextVar[dict[str, Any]] = ContextVar("nixery_log_context", default={})  # noqa: B039
 
@@ -51,6 +53,11 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        # Messages quote client input (paths, tags): a line break in it must
+        # not start a line that reads as another event.
+        return _CONTROL.sub(lambda m: repr(m[0])[1:-1], super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -134,3 +134,14 @@ def test_debug_json_logs_hold_no_s3_credentials_and_carry_utc_times(tmp_path: Pa
     for entry in entries:
         time = dt.datetime.fromisoformat(entry["time"])
         assert time.utcoffset() == dt.timedelta(0), entry
+
+
+def test_text_logs_keep_one_line_per_event_whatever_the_path(server: Server) -> None:
+    forged = "2026-01-01 00:00:00,000 ERROR nixery.images: forged"
+    path = "/v2/x/manifests/a%0A" + forged.replace(" ", "%20")
+    assert call(server.host, "GET", path, {"X-Request-Id": "inject-1"}).status == 400
+    server.stop()
+    lines = server.log_text().splitlines()
+    assert not any(line.startswith(forged) for line in lines), lines
+    [access] = [line for line in lines if "request_id=inject-1" in line]
+    assert "nixery.access: GET /v2/x/manifests/a\\n2026-01-01" in access
