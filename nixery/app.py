@@ -38,6 +38,9 @@ REQUEST_ID = "X-Request-Id"
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SERVED_KINDS = {"blob": "blob", "manifest": "manifest"}  # route name -> bytes-served kind
 QUIET_ROUTES = frozenset({"metrics", "healthz", "static"})  # probes: logged at debug level
+# Bottle's `path` filter stops at a line break: such requests would get its
+# HTML 404, unlogged and uncounted.
+ANY_PATH = "/<path:re:[\\s\\S]+>"
 
 
 def error_response(exc: RegistryError, headers: dict[str, str] | None = None) -> HTTPResponse:
@@ -334,7 +337,7 @@ def create_app(
 
     # Any method a route does not take (PUT, OPTIONS, ...): Bottle would answer in HTML.
     @app.route("/", method="ANY", name="unsupported")
-    @app.route("/<path:path>", method="ANY", name="unsupported")
+    @app.route(ANY_PATH, method="ANY", name="unsupported")
     def unsupported(path: str = "") -> HTTPResponse:
         raise RegistryError(
             ErrorCode.UNSUPPORTED,
@@ -343,7 +346,7 @@ def create_app(
             headers={"Allow": "GET, HEAD"},
         )
 
-    @app.get("/<path:path>", name="not_found")
+    @app.get(ANY_PATH, name="not_found")
     def not_found(path: str) -> HTTPResponse:
         raise RegistryError(ErrorCode.NAME_UNKNOWN, {"path": "/" + path[:200]}, "no such endpoint")
 

@@ -337,6 +337,12 @@ def test_every_other_method_is_unsupported_in_json(server: Server) -> None:
             assert reply.header("Allow") == "GET, HEAD", (method, path)
 
 
+def test_paths_with_line_breaks_get_json_errors(server: Server) -> None:
+    assert_error(get(server, "/nope%0Aline"), 404, "NAME_UNKNOWN")
+    assert_error(get(server, "/nope%0Aline", method="PUT"), 405, "UNSUPPORTED")
+    assert_error(get(server, f"/v2/{IMAGE}/manifests/a%0Ab"), 400, "TAG_INVALID")
+
+
 def test_upload_locations_are_unknown(server: Server) -> None:
     for path in ("/v2/hello/blobs/uploads/", "/v2/hello/blobs/uploads/some-upload"):
         assert_error(get(server, path), 404, "BLOB_UPLOAD_UNKNOWN")
