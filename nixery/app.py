@@ -37,7 +37,7 @@ API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 REQUEST_ID = "X-Request-Id"
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SERVED_KINDS = {"blob": "blob", "manifest": "manifest"}  # route name -> bytes-served kind
-QUIET_ROUTES = frozenset({"metrics", "healthz", "static"})  # probes: logged at debug level
+QUIET_ROUTES = frozenset({"metrics", "healthz", "livez", "static"})  # probes: logged at debug level
 # Bottle's `path` filter stops at a line break: such requests would get its
 # HTML 404, unlogged and uncounted.
 ANY_PATH = "/<path:re:[\\s\\S]+>"
@@ -282,6 +282,16 @@ def create_app(
         return HTTPResponse(
             json.dumps(body),
             status=200 if healthy else 503,
+            headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
+        )
+
+    # Liveness: the process answers, nothing more. Restarting replicas
+    # because storage or Nix is down (what /healthz reports) would only
+    # abandon their builds.
+    @app.get("/livez", name="livez", public=True)
+    def livez() -> HTTPResponse:
+        return HTTPResponse(
+            '{"status": "ok"}',
             headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
         )
 

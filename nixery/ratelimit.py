@@ -19,7 +19,7 @@ from nixery.errors import ErrorCode, RegistryError
 MAX_CLIENTS = 100_000
 # Probes and scrapes come from the node or the monitoring host, whose other
 # traffic may be throttled; a 429 there would restart a healthy server.
-EXEMPT_ROUTES = frozenset({"healthz", "metrics"})
+EXEMPT_ROUTES = frozenset({"healthz", "livez", "metrics"})
 
 
 class TokenBuckets:

@@ -96,6 +96,7 @@ def test_basic_auth_refuses_anonymous_and_wrong_passwords(
     assert call(server.host, "GET", "/v2/", basic()).status == 200
     assert call(server.host, "GET", "/", basic()).status == 200
     assert call(server.host, "GET", "/healthz").status == 200  # probes have no credentials
+    assert call(server.host, "GET", "/livez").status == 200
     # Nothing was built for the refused requests.
     assert "built " not in server.log_text()
 

@@ -200,6 +200,7 @@ def test_rate_limit_answers_429_with_retry_after(start_server: StartServer) -> N
     # Health probes and metric scrapes from a throttled address still pass.
     assert call(server.host, "GET", "/healthz").status == 200
     assert call(server.host, "GET", "/metrics").status == 200
+    assert call(server.host, "GET", "/livez").status == 200
     time.sleep(int(reply.require_header("Retry-After")))
     assert call(server.host, "GET", "/v2/").status == 200
 

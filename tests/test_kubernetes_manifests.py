@@ -89,11 +89,14 @@ def test_deployment_service_and_probes_agree(variant: str) -> None:
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports.keys()
     config = one(variant, "ConfigMap")["data"]
     assert ports["http"] == int(config.get("NIXERY_PORT", 8080))
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
         get = c[probe]["httpGet"]
-        assert get["path"] == "/healthz" and get["port"] in ports
+        assert get["path"] == path and get["port"] in ports
     requests = c["resources"]["requests"]
     assert {"cpu", "memory"} <= requests.keys()
+    # Room for a build in progress to finish after SIGTERM: a few Nix steps.
+    grace = one(variant, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= 3 * float(config.get("NIX_TIMEOUT", 60))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

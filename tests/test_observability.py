@@ -195,6 +195,8 @@ def test_healthz_fails_without_nix_or_writable_storage(start_server: StartServer
     assert reply.status == 503
     checks = reply.json()["checks"]
     assert not checks["nix"]["ok"] and checks["storage"]["ok"]
+    # Not ready, but alive: liveness probes must not restart it.
+    assert call(no_nix.host, "GET", "/livez").status == 200
 
     broken = start_server()
     tmp = broken.storage / "tmp"
@@ -204,6 +206,7 @@ def test_healthz_fails_without_nix_or_writable_storage(start_server: StartServer
     assert reply.status == 503
     checks = reply.json()["checks"]
     assert not checks["storage"]["ok"] and checks["nix"]["ok"]
+    assert call(broken.host, "GET", "/livez").status == 200
 
 
 def test_json_log_lines_carry_request_id_image_and_tag(start_server: StartServer) -> None:
