@@ -128,6 +128,7 @@ def _layering_options(command: Any) -> Any:
             default=94,
             show_default=True,
             envvar="NIXERY_LAYER_BUDGET",
+            help="Package layers per image; the root file system layer comes on top.",
         ),
         click.option(
             "--compression-level",
@@ -488,7 +489,13 @@ def check_config(file: str, syntax_only: bool) -> None:
     default="warning",
     show_default=True,
 )
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="One line per event: readable text, or JSON.",
+)
 def build(image: str, output: Path, fmt: str, platform_name: str | None, **options: Any) -> None:
     """Build IMAGE (NAME[:TAG], e.g. shell/git:latest) without a server."""
     from nixery import layout
