@@ -69,20 +69,21 @@ class GcReport:
         )
 
 
-def image_manifests(data: bytes) -> list[str]:
-    """The digests of an image document's manifests (one per format)."""
+def parse_image(data: bytes) -> BuiltImage | None:
+    """An image document, or None if it is not one (gc skips what it cannot read)."""
     try:
-        image = BuiltImage.from_json(json.loads(data))
+        return BuiltImage.from_json(json.loads(data))
     except (ValueError, KeyError, TypeError):
-        return []
-    return [d.digest for d in image.manifests.values()]
+        return None
 
 
 def image_references(storage: Storage, data: bytes) -> set[str]:
     """Every blob an image document needs: manifests, their configs, layers."""
-    try:
-        image = BuiltImage.from_json(json.loads(data))
-    except (ValueError, KeyError, TypeError):
+    return needed_blobs(storage, parse_image(data))
+
+
+def needed_blobs(storage: Storage, image: BuiltImage | None) -> set[str]:
+    if image is None:
         return set()
     digests = {d.digest for d in image.manifests.values()}
     digests |= {layer.digest for layer in image.layers}
@@ -119,10 +120,12 @@ def collect(
         data = storage.get_document(entry.name)
         if data is None:
             continue
-        pulled = [blobs[d].mtime for d in image_manifests(data) if d in blobs]
+        image = parse_image(data)
+        manifests = [d.digest for d in image.manifests.values()] if image else []
+        pulled = [blobs[d].mtime for d in manifests if d in blobs]
         expired = max([entry.mtime, *pulled]) < now - keep
         if not expired or grace > 0:
-            referenced |= image_references(storage, data)  # kept, or a tombstone now
+            referenced |= needed_blobs(storage, image)  # kept, or a tombstone now
         if not expired:
             continue
         report.expired_images.append(entry.name)
@@ -140,9 +143,7 @@ def collect(
         if not dry_run:
             storage.delete_document(entry.name)
 
-    present: set[str] = set()
     for blob in blobs.values():
-        present.add(blob.name)
         if (
             blob.name in referenced
             or blob.mtime >= now - grace
@@ -156,7 +157,7 @@ def collect(
         if not dry_run:
             storage.delete_blob(blob.name)
 
-    present -= set(report.removed_blobs)
+    present = blobs.keys() - set(report.removed_blobs)
     for entry in list(storage.list_documents(LAYERS)):
         data = storage.get_document(entry.name)
         try:
