@@ -1,5 +1,5 @@
 """The reference layering, kept exactly as the classic algorithm describes it:
-dominator candidates (shared with `nixery.layers`), then, while over budget,
+dominator candidates (shared with `nixery.assembly.layers`), then, while over budget,
 merge the two layers with the lowest merge rating (popularity of the layer's
 root times its size; a merged layer's rating is the sum), and order by
 rating, highest first."""
@@ -9,8 +9,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Collection, Mapping
 
-from nixery.graph import ClosureGraph
-from nixery.layers import (
+from nixery.assembly.layers import (
     BIG_CLOSURE_BYTES,
     DEFAULT_BUDGET,
     POPULARITY_THRESHOLD,
@@ -21,6 +20,7 @@ from nixery.layers import (
     order_layers,
     path_popularity,
 )
+from nixery.packages.graph import ClosureGraph
 
 
 def baseline_group_layers(

@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from nixery.activity import Build, BuildEvents, BuildRecord
-from nixery.images import BuildProfile, BuildSettings, ImageService
-from nixery.manifest import negotiate
-from nixery.nix import Nix
-from nixery.sources import SourceConfig, Sources
+from nixery.assembly.manifest import negotiate
+from nixery.images.activity import Build, BuildEvents, BuildRecord
+from nixery.images.service import BuildProfile, BuildSettings, ImageService
+from nixery.packages.nix import Nix
+from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage
 
 ROOT = Path(__file__).resolve().parent.parent

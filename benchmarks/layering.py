@@ -13,7 +13,7 @@ Two kinds of corpus:
   store paths per image; layers are computed by the pure functions and a
   layer's size is the sum of its paths' NAR sizes.
 
-Each corpus is laid out by: ours (`nixery.layers.group_layers`), the
+Each corpus is laid out by: ours (`nixery.assembly.layers.group_layers`), the
 classic algorithm (baseline.py), one layer per image, and one layer per
 store path (the ideal for sharing, which ignores the budget). The synthetic
 corpora also show two reference points that are not algorithms a registry
@@ -52,15 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline import baseline_group_layers, one_layer_per_image, one_layer_per_path  # noqa: E402
 from synthetic import Corpus, nixpkgs_like  # noqa: E402
 
-from nixery.app import create_app  # noqa: E402
-from nixery.graph import ClosureGraph  # noqa: E402
-from nixery.images import BuildSettings, ImageService  # noqa: E402
-from nixery.layers import DEFAULT_BUDGET, LayerGroup, group_layers  # noqa: E402
-from nixery.names import ALWAYS_INCLUDED  # noqa: E402
-from nixery.nix import Nix, NixSource, ResolvedPackage  # noqa: E402
-from nixery.popularity import Popularity, popcount  # noqa: E402
-from nixery.server import make_server  # noqa: E402
-from nixery.sources import SourceConfig, Sources  # noqa: E402
+from nixery.assembly.layers import DEFAULT_BUDGET, LayerGroup, group_layers  # noqa: E402
+from nixery.http.app import create_app  # noqa: E402
+from nixery.http.server import make_server  # noqa: E402
+from nixery.images.service import BuildSettings, ImageService  # noqa: E402
+from nixery.packages.graph import ClosureGraph  # noqa: E402
+from nixery.packages.names import ALWAYS_INCLUDED  # noqa: E402
+from nixery.packages.nix import Nix, NixSource, ResolvedPackage  # noqa: E402
+from nixery.packages.popularity import Popularity, popcount  # noqa: E402
+from nixery.packages.sources import SourceConfig, Sources  # noqa: E402
 from nixery.storage import FilesystemStorage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +189,7 @@ def pull_fixture(
 
 
 def fixture_closures(nix: Nix) -> dict[str, int]:
-    from nixery.names import parse_image_name
+    from nixery.packages.names import parse_image_name
 
     source = NixSource("path", str(FIXTURE_PKGS))
     sizes = {}

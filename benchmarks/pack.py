@@ -25,8 +25,8 @@ from benchmarks.common import (
     nix_build,
     table,
 )
-from nixery import archive
-from nixery.archive import GZIP, ZSTD, Compression, Output
+from nixery.assembly import archive
+from nixery.assembly.archive import GZIP, ZSTD, Compression, Output
 
 
 class HashingSink:

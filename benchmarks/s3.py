@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nixery import archive, process
+from nixery.assembly import archive
+from nixery.packages import process
 from nixery.storage import FilesystemStorage, Storage
 from nixery.storage.s3 import MIB, S3Storage
 from tests import s3server

@@ -14,8 +14,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from nixery.graph import ClosureGraph, StorePath
-from nixery.popularity import Popularity, count_popularity
+from nixery.packages.graph import ClosureGraph, StorePath
+from nixery.packages.popularity import Popularity, count_popularity
 
 KB = 1000
 MB = 1000 * KB

@@ -21,7 +21,7 @@ def default_storage_path() -> str:
 
 
 def default_source_cache() -> str:
-    from nixery.sources import default_cache_dir
+    from nixery.packages.sources import default_cache_dir
 
     return default_cache_dir()
 
@@ -378,9 +378,9 @@ def main() -> None:
 def serve(**options: Any) -> None:
     """Serve images over the registry protocol."""
     from nixery.config import Settings
+    from nixery.http.server import RESERVED_THREADS
+    from nixery.http.server import serve as run_server
     from nixery.runtime import build_app
-    from nixery.server import RESERVED_THREADS
-    from nixery.server import serve as run_server
 
     _setup_logging(options["log_level"], options["log_format"])
     try:
@@ -414,7 +414,7 @@ def serve(**options: Any) -> None:
 def gc(keep_days: float, grace: float, dry_run: bool, **options: Any) -> None:
     """Remove expired images and the blobs no kept image references."""
     from nixery.config import s3_settings
-    from nixery.gc import collect
+    from nixery.ops.gc import collect
     from nixery.runtime import open_storage
 
     _setup_logging("info")
@@ -498,11 +498,11 @@ def check_config(file: str, syntax_only: bool) -> None:
 )
 def build(image: str, output: Path, fmt: str, platform_name: str | None, **options: Any) -> None:
     """Build IMAGE (NAME[:TAG], e.g. shell/git:latest) without a server."""
-    from nixery import layout
-    from nixery.activity import Activity, Fanout
     from nixery.config import Settings
-    from nixery.names import parse_image_name, validate_tag
-    from nixery.progress import console_progress
+    from nixery.images import layout
+    from nixery.images.activity import Activity, Fanout
+    from nixery.ops.progress import console_progress
+    from nixery.packages.names import parse_image_name, validate_tag
     from nixery.runtime import make_service
 
     _setup_logging(options.pop("log_level"), options.pop("log_format"))
@@ -562,10 +562,10 @@ def popcount(tag: str, platform_name: str | None, output: str, **options: Any) -
     runtime closure counts once. Packages that fail are skipped.
     """
     from nixery.config import Settings
-    from nixery.popularity import dump_popularity
-    from nixery.popularity import popcount as count
+    from nixery.packages.popularity import dump_popularity
+    from nixery.packages.popularity import popcount as count
+    from nixery.packages.sources import Sources
     from nixery.runtime import make_nix
-    from nixery.sources import Sources
 
     unused = {"host": "", "port": 0, "storage_backend": "filesystem", "storage_path": "."}
     unused |= {"layer_budget": 1, "compression_level": 1}
@@ -618,7 +618,7 @@ def _explain(exc: NixeryError) -> str:
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
-    from nixery import logs
+    from nixery.ops import logs
 
     logs.setup(level, fmt)
 

@@ -10,8 +10,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nixery.errors import ConfigError
-from nixery.platforms import Platform, host_cores, host_platform, parse_platform
-from nixery.sources import SourceConfig, source_config
+from nixery.packages.platforms import Platform, host_cores, host_platform, parse_platform
+from nixery.packages.sources import SourceConfig, source_config
 from nixery.storage.base import validate_key
 
 

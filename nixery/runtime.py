@@ -7,18 +7,18 @@ from typing import Any
 
 from bottle import Bottle
 
-from nixery.activity import Activity, BuildEvents, Fanout
-from nixery.app import create_app
-from nixery.auth import make_access_control
 from nixery.config import S3Settings, Settings
 from nixery.errors import ConfigError
-from nixery.health import Health, storage_writable
-from nixery.images import BuildSettings, ImageService
-from nixery.metrics import Metrics
-from nixery.nix import Nix
-from nixery.popularity import load_popularity
-from nixery.ratelimit import RateLimit
-from nixery.sources import Sources
+from nixery.http.app import create_app
+from nixery.http.auth import make_access_control
+from nixery.http.ratelimit import RateLimit
+from nixery.images.activity import Activity, BuildEvents, Fanout
+from nixery.images.service import BuildSettings, ImageService
+from nixery.ops.health import Health, storage_writable
+from nixery.ops.metrics import Metrics
+from nixery.packages.nix import Nix
+from nixery.packages.popularity import load_popularity
+from nixery.packages.sources import Sources
 from nixery.storage import FilesystemStorage, Storage
 
 log = logging.getLogger(__name__)

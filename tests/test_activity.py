@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nixery.activity import (
+from nixery.http.web import CHART_WIDTH, layer_chart, time_ago
+from nixery.images.activity import (
     FAILURE,
     SUCCESS,
     UNKNOWN_PACKAGES,
@@ -14,9 +15,8 @@ from nixery.activity import (
     BuildEvents,
     Fanout,
 )
-from nixery.images import Layer
+from nixery.images.service import Layer
 from nixery.storage import FilesystemStorage
-from nixery.web import CHART_WIDTH, layer_chart, time_ago
 
 
 def build(image: str = "shell/hello") -> Build:

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from nixery.archive import GZIP, ZSTD, Compression, Output, write_root_layer, write_store_layer
-from nixery.rootfs import root_entries
+from nixery.assembly.archive import (
+    GZIP,
+    ZSTD,
+    Compression,
+    Output,
+    write_root_layer,
+    write_store_layer,
+)
+from nixery.assembly.rootfs import root_entries
 
 
 class Collect:

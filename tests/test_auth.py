@@ -16,8 +16,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from nixery.auth import parse_htpasswd, parse_scopes
 from nixery.errors import ConfigError
+from nixery.http.auth import parse_htpasswd, parse_scopes
 from tests.attack import make_tracing_path, read_trace, write_htpasswd
 from tests.clients import run
 from tests.conftest import Server, StartServer, require

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from nixery.catalog import Catalog
-from nixery.names import image_component
-from nixery.nix import Nix, NixSource
+from nixery.packages.catalog import Catalog
+from nixery.packages.names import image_component
+from nixery.packages.nix import Nix, NixSource
 from tests.conftest import FIXTURE_PKGS
 
 pytestmark = pytest.mark.nix

@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
-from nixery.manifest import OCI_INDEX, OCI_MANIFEST
+from nixery.assembly.manifest import OCI_INDEX, OCI_MANIFEST
 from tests.clients import (
     PODMAN_RUN_FLAGS,
     Containerd,

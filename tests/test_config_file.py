@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 from nixery import configfile
 from nixery.cli import main, serve
 from nixery.config import Settings
-from nixery.sources import SourceConfig
+from nixery.packages.sources import SourceConfig
 from tests.conftest import FIXTURE_PKGS, StartServer
 from tests.http import call
 

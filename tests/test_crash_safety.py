@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery.gc import image_references
+from nixery.ops.gc import image_references
 from nixery.storage import FilesystemStorage, StorageError
 from tests.attack import processes_mentioning
 from tests.clients import skopeo_copy
@@ -277,8 +277,8 @@ def test_build_timeout_is_a_clear_error_and_leaves_no_process(start_server: Star
 
 def test_a_timeout_terminates_the_group_before_killing_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Commands get SIGTERM first, so Nix can stop builders in their own sessions."""
-    from nixery import process
     from nixery.errors import CommandTimeout
+    from nixery.packages import process
 
     monkeypatch.setattr(process, "TERM_GRACE", 1.0)
 

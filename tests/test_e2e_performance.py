@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from nixery.images import BuildSettings, ImageService
-from nixery.manifest import negotiate
-from nixery.nix import Nix
-from nixery.sources import SourceConfig, Sources
+from nixery.assembly.manifest import negotiate
+from nixery.images.service import BuildSettings, ImageService
+from nixery.packages.nix import Nix
+from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage
 from tests.clients import TIMEOUT, skopeo_copy
 from tests.conftest import FIXTURE_PKGS, Server, StartServer, require

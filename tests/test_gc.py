@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nixery.gc import collect
-from nixery.images import BuiltImage, Layer
-from nixery.manifest import (
+from nixery.assembly.manifest import (
     OCI_INDEX,
     Descriptor,
     Format,
@@ -30,9 +28,11 @@ from nixery.manifest import (
     index_document,
     manifest_document,
 )
-from nixery.nix import Nix, temporary_roots
-from nixery.platforms import AMD64, ARM64
-from nixery.sources import NixSource
+from nixery.images.service import BuiltImage, Layer
+from nixery.ops.gc import collect
+from nixery.packages.nix import Nix, temporary_roots
+from nixery.packages.platforms import AMD64, ARM64
+from nixery.packages.sources import NixSource
 from nixery.storage import FilesystemStorage, Storage
 from nixery.storage.s3 import S3Storage
 from tests.clients import skopeo_copy

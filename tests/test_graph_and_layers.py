@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from nixery.graph import ClosureGraph, StorePath, parse_registration, store_path_name
-from nixery.layers import LayerGroup, group_layers, path_popularity
+from nixery.assembly.layers import LayerGroup, group_layers, path_popularity
+from nixery.packages.graph import ClosureGraph, StorePath, parse_registration, store_path_name
 
 S = "/nix/store/"
 
@@ -215,7 +215,7 @@ def test_big_closures_are_the_paths_whose_whole_closure_passes_the_threshold() -
 
     import networkx as nx
 
-    from nixery.layers import big_closures, dependency_graph
+    from nixery.assembly.layers import big_closures, dependency_graph
 
     rng = random.Random(7)
     for n in (1, 30, 200):

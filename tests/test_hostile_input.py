@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nixery.names import NAME_RE, TAG_RE
+from nixery.packages.names import NAME_RE, TAG_RE
 from tests.attack import STORE_PATH, make_tracing_path, raw_request, read_trace
 from tests.conftest import Server, StartServer
 from tests.sourcefixtures import make_pkgs_repo

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from nixery.manifest import OCI_MANIFEST
-from nixery.ratelimit import TokenBuckets
+from nixery.assembly.manifest import OCI_MANIFEST
+from nixery.http.ratelimit import TokenBuckets
 from tests.attack import raw_request, self_signed_certificate
 from tests.clients import run
 from tests.conftest import Server, StartServer, launch_server, require
@@ -124,7 +124,9 @@ def test_tls_serves_ranges_and_takes_hang_ups_quietly(
     lines = server.log_text().splitlines()
     assert lines and [line for line in lines if not _json_object(line)] == []
     records = [_json_object(line) for line in lines]
-    assert [r for r in records if r["logger"] == "nixery.server" and r["level"] != "INFO"] == []
+    assert [
+        r for r in records if r["logger"] == "nixery.http.server" and r["level"] != "INFO"
+    ] == []
 
 
 def _json_object(line: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nixery.errors import ErrorCode, RegistryError
-from nixery.names import (
+from nixery.packages.names import (
     ALWAYS_INCLUDED,
     MAX_NAME_LENGTH,
     NAME_RE,

@@ -12,9 +12,9 @@ import click
 import pytest
 import yaml
 
-from nixery import process
 from nixery.cli import serve
 from nixery.config import Settings
+from nixery.packages import process
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"

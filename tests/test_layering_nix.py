@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from nixery.archive import GZIP, Compression, Output, write_store_layer
-from nixery.graph import ClosureGraph, StorePath
-from nixery.images import BuildSettings, ImageService
-from nixery.layers import group_layers, path_popularity
-from nixery.names import parse_image_name
-from nixery.nix import Nix, NixSource, ResolvedPackage
-from nixery.popularity import Popularity, popcount
-from nixery.sources import SourceConfig, Sources
+from nixery.assembly.archive import GZIP, Compression, Output, write_store_layer
+from nixery.assembly.layers import group_layers, path_popularity
+from nixery.images.service import BuildSettings, ImageService
+from nixery.packages.graph import ClosureGraph, StorePath
+from nixery.packages.names import parse_image_name
+from nixery.packages.nix import Nix, NixSource, ResolvedPackage
+from nixery.packages.popularity import Popularity, popcount
+from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage
 from tests.conftest import FIXTURE_PKGS
 

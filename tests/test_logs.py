@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nixery import logs
+from nixery.ops import logs
 
 
 @pytest.fixture

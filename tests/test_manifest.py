@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from nixery.manifest import (
+from nixery.assembly.manifest import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -15,7 +15,7 @@ from nixery.manifest import (
     media_type_of,
     negotiate,
 )
-from nixery.platforms import AMD64, ARM64
+from nixery.packages.platforms import AMD64, ARM64
 
 
 def test_accept_is_a_set_over_all_lines() -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from nixery.errors import ErrorCode, RegistryError
-from nixery.names import parse_image_name, validate_digest, validate_tag
-from nixery.platforms import ARM64
+from nixery.packages.names import parse_image_name, validate_digest, validate_tag
+from nixery.packages.platforms import ARM64
 
 
 def test_shell_expands_and_always_included_are_added() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nixery import process
 from nixery.errors import BuildFailed, UnknownPackages
-from nixery.nix import Nix, NixSource
+from nixery.packages import process
+from nixery.packages.nix import Nix, NixSource
 from tests.conftest import FIXTURE_PKGS
 
 pytestmark = pytest.mark.nix

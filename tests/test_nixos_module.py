@@ -50,8 +50,13 @@ def test_nix_file_parses(path: Path) -> None:
 
 def test_every_nix_file_is_found() -> None:
     found = {str(p.relative_to(ROOT)) for p in nix_files()}
-    assert {"flake.nix", "default.nix", "nix/modules/nixery.nix", "nix/pkgs/nixery.nix"} <= found
-    assert "nixery/nixexprs/resolve.nix" in found
+    assert {
+        "flake.nix",
+        "default.nix",
+        "nix/modules/nixery.nix",
+        "nix/pkgs/nixery.nix",
+    } <= found
+    assert "nixery/packages/nixexprs/resolve.nix" in found
 
 
 @functools.cache
@@ -318,7 +323,7 @@ def test_package_expression(lib: str) -> None:
         f"{STUB_STORE}nix/bin:{STUB_STORE}git/bin",
     ]
     assert package["meta"]["mainProgram"] == "nixery"
-    assert "nixery/nixexprs/resolve.nix" in package["postInstall"]
+    assert "nixery/packages/nixexprs/resolve.nix" in package["postInstall"]
     assert package["pytestFlagsArray"] == ["-m", UNIT_TESTS]
 
 

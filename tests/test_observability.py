@@ -238,5 +238,7 @@ def test_text_log_lines_are_one_per_event(server: Server) -> None:
     call(server.host, "GET", "/v2/hello/manifests/latest", {"X-Request-Id": "abc-1"})
     server.stop()
     lines = [line for line in server.log_text().splitlines() if "request_id=abc-1" in line]
-    assert any("nixery.images: built hello" in line and "tag=latest" in line for line in lines)
+    assert any(
+        "nixery.images.service: built hello" in line and "tag=latest" in line for line in lines
+    )
     assert any("nixery.access: GET /v2/hello/manifests/latest 200" in line for line in lines)

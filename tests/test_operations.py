@@ -137,7 +137,7 @@ def test_debug_json_logs_hold_no_s3_credentials_and_carry_utc_times(tmp_path: Pa
 
 
 def test_text_logs_keep_one_line_per_event_whatever_the_path(server: Server) -> None:
-    forged = "2026-01-01 00:00:00,000 ERROR nixery.images: forged"
+    forged = "2026-01-01 00:00:00,000 ERROR nixery.images.service: forged"
     path = "/v2/x/manifests/a%0A" + forged.replace(" ", "%20")
     assert call(server.host, "GET", path, {"X-Request-Id": "inject-1"}).status == 400
     server.stop()

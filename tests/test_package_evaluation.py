@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nixery.errors import UnknownPackages
-from nixery.nix import Nix, NixSource, _error_message
+from nixery.packages.nix import Nix, NixSource, _error_message
 from tests.conftest import FIXTURE_PKGS, StartServer
 from tests.http import call
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from nixery import process
 from nixery.errors import CommandError, ConfigError
-from nixery.graph import store_path_name
-from nixery.popularity import load_popularity, parse_popularity
+from nixery.packages import process
+from nixery.packages.graph import store_path_name
+from nixery.packages.popularity import load_popularity, parse_popularity
 from tests.conftest import FIXTURE_PKGS, StartServer, free_port
 
 

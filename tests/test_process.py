@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nixery import process
 from nixery.errors import CommandError, CommandTimeout
+from nixery.packages import process
 
 
 def test_stderr_lines_arrive_while_the_command_runs(tmp_path: Path) -> None:

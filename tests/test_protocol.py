@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nixery.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from nixery.assembly.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import Server, StartServer
 from tests.http import Headers, Reply, call, raw_status_line
 from tests.test_registry_api import CLIENT_ACCEPTS

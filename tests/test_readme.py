@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import pytest
 
-from nixery import sources
 from nixery.cli import serve
+from nixery.packages import sources
 
 README = Path(__file__).parent.parent / "README.md"
 SOURCE_DEFAULTS = {

@@ -12,12 +12,19 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 
-from nixery.app import byte_range, create_app, etag_matches, tag_page
+from nixery.assembly.manifest import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Format,
+    negotiate,
+)
 from nixery.errors import ErrorCode, RegistryError
-from nixery.images import BuildSettings, ImageService
-from nixery.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Format, negotiate
-from nixery.nix import Nix
-from nixery.sources import SourceConfig, Sources
+from nixery.http.app import byte_range, create_app, etag_matches, tag_page
+from nixery.images.service import BuildSettings, ImageService
+from nixery.packages.nix import Nix
+from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage
 
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"

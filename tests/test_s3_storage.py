@@ -273,7 +273,7 @@ def test_marks_are_throttled_per_process(s3_server: S3Server, bucket: str) -> No
 
 
 def test_a_mark_left_without_its_entry_is_removed_by_gc(s3_server: S3Server, bucket: str) -> None:
-    from nixery.gc import collect
+    from nixery.ops.gc import collect
 
     st = storage(s3_server, bucket, mark_interval=0)
     digest = st.put_blob(b"layer")

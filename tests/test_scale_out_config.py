@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from nixery import process
 from nixery.cli import serve
 from nixery.config import S3Settings, Settings
 from nixery.errors import BuildFailed, ConfigError
-from nixery.nix import ResolvedPackage
+from nixery.packages import process
+from nixery.packages.nix import ResolvedPackage
 from nixery.runtime import make_nix
 from tests.conftest import FIXTURE_PKGS
 

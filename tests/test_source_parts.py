@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nixery import git
 from nixery.errors import ConfigError
-from nixery.fingerprint import Fingerprinter
-from nixery.sources import Sources, source_config
+from nixery.packages import git
+from nixery.packages.fingerprint import Fingerprinter
+from nixery.packages.sources import Sources, source_config
 from tests.sourcefixtures import PkgsRepo, make_pkgs_repo
 from tests.sourcefixtures import git as run_git
 

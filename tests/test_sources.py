@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from nixery import process
+from nixery.assembly.manifest import negotiate
 from nixery.errors import BuildFailed, ErrorCode, RegistryError
-from nixery.images import BuildSettings, ImageService
-from nixery.manifest import negotiate
-from nixery.names import parse_image_name
-from nixery.nix import FLAKES, Nix
-from nixery.sources import Sources, source_config
+from nixery.images.service import BuildSettings, ImageService
+from nixery.packages import process
+from nixery.packages.names import parse_image_name
+from nixery.packages.nix import FLAKES, Nix
+from nixery.packages.sources import Sources, source_config
 from nixery.storage import FilesystemStorage
 from tests.sourcefixtures import (
     FLAKE,

@@ -11,8 +11,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from nixery import tar
-from nixery.archive import GZIP, Compression, Output, write_store_layer
+from nixery.assembly import tar
+from nixery.assembly.archive import GZIP, Compression, Output, write_store_layer
 
 # Also what tarfile (Python 3.11) writes for these entries in PAX format.
 GOLDEN = "b9a39dcc30f1a8b6e5de0a35443b010aa9e7dc61dbc5b76f95b75b15f9c42eab"

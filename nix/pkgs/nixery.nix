@@ -76,7 +76,7 @@ python3Packages.buildPythonApplication {
 
   # The expressions Nixery evaluates at run time ship as package data.
   postInstall = ''
-    test -f "$out/${python3Packages.python.sitePackages}/nixery/nixexprs/resolve.nix"
+    test -f "$out/${python3Packages.python.sitePackages}/nixery/packages/nixexprs/resolve.nix"
   '';
 
   meta = {

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from nixery.errors import ErrorCode, RegistryError
-from nixery.platforms import ARM64, Platform
+from nixery.packages.platforms import ARM64, Platform
 
 NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{NAME_COMPONENT}(?:/{NAME_COMPONENT})*")

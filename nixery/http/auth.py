@@ -41,8 +41,8 @@ import jwt
 from bottle import HTTPResponse, Request, request
 
 from nixery.errors import BuildNotAllowed, ConfigError, ErrorCode, NixeryError, RegistryError
-from nixery.headers import header as request_header
-from nixery.names import NAME_RE
+from nixery.http.headers import header as request_header
+from nixery.packages.names import NAME_RE
 
 log = logging.getLogger(__name__)
 

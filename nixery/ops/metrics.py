@@ -8,7 +8,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from nixery.activity import (
+from nixery.images.activity import (
     FAILURE,
     STEPS,
     SUCCESS,

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode
 
-from nixery import git
 from nixery.errors import BuildFailed, ConfigError, ErrorCode, RegistryError, SourceUnavailable
-from nixery.fingerprint import Fingerprinter
-from nixery.names import TAG_RE
-from nixery.nix import Nix, NixSource
+from nixery.packages import git
+from nixery.packages.fingerprint import Fingerprinter
+from nixery.packages.names import TAG_RE
+from nixery.packages.nix import Nix, NixSource
 from nixery.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from typing import IO, Any, BinaryIO
 
 from isal import igzip
 
+from nixery.assembly.manifest import OCI_INDEX, Format, canonical_json
 from nixery.errors import NixeryError
-from nixery.images import BuiltImage
-from nixery.manifest import OCI_INDEX, Format, canonical_json
+from nixery.images.service import BuiltImage
 from nixery.storage import Storage
 
 FORMATS = ("oci", "oci-archive", "docker-archive")

@@ -25,22 +25,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from nixery import archive
-from nixery.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
-from nixery.archive import Compression, Output, PackedLayer
-from nixery.catalog import Catalog, Lookup
-from nixery.errors import (
-    BuildFailed,
-    BuildNotAllowed,
-    ErrorCode,
-    NixeryError,
-    QueueFull,
-    RegistryError,
-    UnknownPackages,
-)
-from nixery.graph import ClosureGraph, store_path_name
-from nixery.layers import DEFAULT_BUDGET, LayerGroup, group_layers
-from nixery.manifest import (
+from nixery.assembly import archive
+from nixery.assembly.archive import Compression, Output, PackedLayer
+from nixery.assembly.layers import DEFAULT_BUDGET, LayerGroup, group_layers
+from nixery.assembly.manifest import (
     OCI_LAYER_ZSTD,
     Descriptor,
     Document,
@@ -53,7 +41,20 @@ from nixery.manifest import (
     media_type_of,
     referenced_digests,
 )
-from nixery.names import (
+from nixery.assembly.rootfs import root_entries
+from nixery.errors import (
+    BuildFailed,
+    BuildNotAllowed,
+    ErrorCode,
+    NixeryError,
+    QueueFull,
+    RegistryError,
+    UnknownPackages,
+)
+from nixery.images.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
+from nixery.packages.catalog import Catalog, Lookup
+from nixery.packages.graph import ClosureGraph, store_path_name
+from nixery.packages.names import (
     ALWAYS_INCLUDED,
     ImageRequest,
     image_component,
@@ -63,11 +64,10 @@ from nixery.names import (
     validate_digest,
     validate_tag,
 )
-from nixery.nix import Nix, ResolvedPackage, temporary_roots
-from nixery.platforms import Platform, host_cores, host_platform
-from nixery.rootfs import root_entries
+from nixery.packages.nix import Nix, ResolvedPackage, temporary_roots
+from nixery.packages.platforms import Platform, host_cores, host_platform
+from nixery.packages.sources import LATEST, ResolvedSource, Sources
 from nixery.singleflight import SingleFlight
-from nixery.sources import LATEST, ResolvedSource, Sources
 from nixery.storage import BlobWriter, Storage
 
 log = logging.getLogger(__name__)

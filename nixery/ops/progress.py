@@ -20,7 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from nixery.activity import Build, BuildEvents, BuildRecord
+from nixery.images.activity import Build, BuildEvents, BuildRecord
 from nixery.units import human_size
 
 DETAIL_CHARS = 60

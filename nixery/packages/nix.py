@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from nixery import process
 from nixery.errors import (
     BuildFailed,
     CommandError,
@@ -28,7 +27,8 @@ from nixery.errors import (
     SourceUnavailable,
     UnknownPackages,
 )
-from nixery.graph import ClosureGraph, parse_registration
+from nixery.packages import process
+from nixery.packages.graph import ClosureGraph, parse_registration
 
 LOG_TAIL_LINES = 30
 # Refused names whose error is looked up (one evaluation each); the rest get
@@ -149,7 +149,7 @@ class Nix:
             json.dump({"source": source.to_json(), **args}, fh)
             fh.flush()
             os.chmod(fh.name, 0o644)
-            with resources.as_file(resources.files("nixery") / "nixexprs") as exprs:
+            with resources.as_file(resources.files("nixery.packages") / "nixexprs") as exprs:
                 flakes = FLAKES if source.kind == "flake" else []
                 argv = [
                     "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",

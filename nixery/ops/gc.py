@@ -34,8 +34,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from nixery.images import BuiltImage, Layer
-from nixery.manifest import INDEX_TYPES, media_type_of, referenced_digests
+from nixery.assembly.manifest import INDEX_TYPES, media_type_of, referenced_digests
+from nixery.images.service import BuiltImage, Layer
 from nixery.storage import Storage
 from nixery.storage.base import Entry
 

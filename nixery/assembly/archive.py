@@ -33,9 +33,9 @@ from typing import Protocol
 import zstandard
 from isal import isal_zlib
 
-from nixery import tar
+from nixery.assembly import tar
+from nixery.assembly.rootfs import RootEntry
 from nixery.errors import NixeryError
-from nixery.rootfs import RootEntry
 
 MTIME = 1
 CHUNK = 1 << 20

@@ -43,7 +43,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nixery.graph import ClosureGraph
+from nixery.packages.graph import ClosureGraph
 
 if TYPE_CHECKING:
     import networkx as nx

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from nixery.names import attribute_name, image_component
-from nixery.nix import Nix, NixSource, PackageInfo
+from nixery.packages.names import attribute_name, image_component
+from nixery.packages.nix import Nix, NixSource, PackageInfo
 
 CACHE_SECONDS = 300.0
 MAX_SUGGESTIONS = 3

@@ -21,13 +21,13 @@ from typing import Any
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
-from nixery.activity import Activity, Build
-from nixery.catalog import Lookup
 from nixery.errors import NixeryError
-from nixery.graph import store_path_name
-from nixery.images import BuiltImage, ImageService, Layer
-from nixery.names import ALWAYS_INCLUDED, SHELL_PACKAGES, image_component
-from nixery.sources import LATEST
+from nixery.images.activity import Activity, Build
+from nixery.images.service import BuiltImage, ImageService, Layer
+from nixery.packages.catalog import Lookup
+from nixery.packages.graph import store_path_name
+from nixery.packages.names import ALWAYS_INCLUDED, SHELL_PACKAGES, image_component
+from nixery.packages.sources import LATEST
 from nixery.storage import Storage
 from nixery.units import human_seconds, human_size
 

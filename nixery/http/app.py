@@ -18,16 +18,17 @@ from typing import Any, BinaryIO
 import bottle
 from bottle import Bottle, HTTPResponse, Route, request
 
-from nixery import logs, web
-from nixery.activity import Activity
-from nixery.auth import MAY_BUILD
+from nixery.assembly.manifest import OCI_INDEX, Document, Format, index_document, negotiate
 from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError
-from nixery.headers import header
-from nixery.health import Health, storage_writable
-from nixery.images import ImageService
-from nixery.manifest import OCI_INDEX, Document, Format, index_document, negotiate
-from nixery.metrics import Metrics
-from nixery.names import is_sha256, validate_digest, validate_name, validate_tag
+from nixery.http import web
+from nixery.http.auth import MAY_BUILD
+from nixery.http.headers import header
+from nixery.images.activity import Activity
+from nixery.images.service import ImageService
+from nixery.ops import logs
+from nixery.ops.health import Health, storage_writable
+from nixery.ops.metrics import Metrics
+from nixery.packages.names import is_sha256, validate_digest, validate_name, validate_tag
 from nixery.storage import BlobLocation, Storage
 
 log = logging.getLogger(__name__)

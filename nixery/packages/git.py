@@ -13,8 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nixery import process
 from nixery.errors import CommandError, CommandTimeout, SourceUnavailable
+from nixery.packages import process
 
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 # `git archive` leaves out export-ignore files and expands export-subst

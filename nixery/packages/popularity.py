@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nixery.errors import ConfigError
-from nixery.graph import ClosureGraph
-from nixery.nix import Nix, NixSource, Progress
+from nixery.packages.graph import ClosureGraph
+from nixery.packages.nix import Nix, NixSource, Progress
 
 Popularity = dict[str, int]
 

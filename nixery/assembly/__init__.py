@@ -1,0 +1,1 @@
+"""From a closure to an image: layer grouping, root file system, archives and manifests."""

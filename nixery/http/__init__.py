@@ -1,0 +1,1 @@
+"""The HTTP side: the registry API, the pages people read, access control and hosting."""

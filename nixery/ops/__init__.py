@@ -1,0 +1,1 @@
+"""Operating the registry: logs, metrics, health checks, build progress and garbage collection."""

@@ -1,0 +1,1 @@
+"""From an image name to Nix: names, package sources, evaluation, builds and closures."""
