@@ -1,4 +1,4 @@
-"""The README's configuration table against `nixery serve`'s real options: every
+"""The configuration reference's table against `nixery serve`'s real options: every
 option is listed once, with the environment variables it reads and its default."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from nixery.cli import serve
 from nixery.packages import sources
 
-README = Path(__file__).parent.parent / "README.md"
+REFERENCE = Path(__file__).parent.parent / "docs" / "configuration.md"
 SOURCE_DEFAULTS = {
     "channel": sources.DEFAULT_CHANNEL,
     "channel_revision_url": sources.CHANNEL_REVISION_URL,
@@ -21,7 +21,7 @@ SOURCE_DEFAULTS = {
 
 def table_rows() -> dict[str, tuple[list[str], set[str], str]]:
     """Option -> (the row's options, its environment variables, its default cell)."""
-    section = README.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    section = REFERENCE.read_text()
     rows: dict[str, tuple[list[str], set[str], str]] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
