@@ -57,7 +57,7 @@ def slow_overlay(directory: Path, seconds: int, *names: str) -> Path:
 
 
 def builds_of(server: Server, image: str) -> int:
-    return len(re.findall(rf"images: build started image={re.escape(image)} ", server.log_text()))
+    return len(re.findall(rf"build started image={re.escape(image)} ", server.log_text()))
 
 
 def wait_for_log(server: Server, pattern: str, timeout: float = TIMEOUT) -> None:
