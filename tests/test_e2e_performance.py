@@ -21,7 +21,8 @@ import pytest
 import zstandard
 
 from nixery.assembly.manifest import negotiate
-from nixery.images.service import BuildSettings, ImageService
+from nixery.images.model import BuildSettings
+from nixery.images.service import ImageService
 from nixery.packages.nix import Nix
 from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage
@@ -57,7 +58,11 @@ def slow_overlay(directory: Path, seconds: int, *names: str) -> Path:
 
 
 def builds_of(server: Server, image: str) -> int:
-    return len(re.findall(rf"images: build started image={re.escape(image)} ", server.log_text()))
+    return len(
+        re.findall(
+            rf"nixery\.images\.pipeline: build started image={re.escape(image)} ", server.log_text()
+        )
+    )
 
 
 def wait_for_log(server: Server, pattern: str, timeout: float = TIMEOUT) -> None:
