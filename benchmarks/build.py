@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import REFERENCE_IMAGE, build_in_process, machine, table
 from benchmarks.pack import baseline, reference_closure
-from nixery.images.service import BuildProfile
+from nixery.images.model import BuildProfile
 
 
 def build(storage_dir: str, compression: str) -> tuple[BuildProfile | None, float]:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from nixery.assembly.manifest import negotiate
 from nixery.images.activity import Build, BuildEvents, BuildRecord
-from nixery.images.service import BuildProfile, BuildSettings, ImageService
+from nixery.images.model import BuildProfile, BuildSettings
+from nixery.images.service import ImageService
 from nixery.packages.nix import Nix
 from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage

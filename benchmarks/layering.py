@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +55,9 @@ from synthetic import Corpus, nixpkgs_like  # noqa: E402
 from nixery.assembly.layers import DEFAULT_BUDGET, LayerGroup, group_layers  # noqa: E402
 from nixery.http.app import create_app  # noqa: E402
 from nixery.http.server import make_server  # noqa: E402
-from nixery.images.service import BuildSettings, ImageService  # noqa: E402
-from nixery.packages.graph import ClosureGraph  # noqa: E402
-from nixery.packages.names import ALWAYS_INCLUDED  # noqa: E402
-from nixery.packages.nix import Nix, NixSource, ResolvedPackage  # noqa: E402
+from nixery.images.model import BuildSettings  # noqa: E402
+from nixery.images.service import ImageService  # noqa: E402
+from nixery.packages.nix import Nix, NixSource  # noqa: E402
 from nixery.packages.popularity import Popularity, popcount  # noqa: E402
 from nixery.packages.sources import SourceConfig, Sources  # noqa: E402
 from nixery.storage import FilesystemStorage  # noqa: E402
@@ -120,31 +119,17 @@ class _Meter:
                 close()
 
 
-class _Service(ImageService):
-    """The registry's service with another layering in place of ours."""
-
-    layering: Layering = group_layers
-
-    def group(self, graph: ClosureGraph, packages: Sequence[ResolvedPackage]) -> list[LayerGroup]:
-        everywhere = {p.out for p in packages if p.attr_path in ALWAYS_INCLUDED}
-        return type(self).layering(
-            graph, self.popularity, self.settings.layer_budget, most_popular=everywhere
-        )
-
-
 @contextmanager
 def registry(
     storage: Path, layering: Layering, budget: int, popularity: Popularity
 ) -> Iterator[tuple[str, _Meter]]:
-    service_type: type[ImageService] = ImageService
-    if layering is not group_layers:
-        service_type = type("Service", (_Service,), {"layering": staticmethod(layering)})
-    service = service_type(
+    service = ImageService(
         FilesystemStorage(storage),
         Nix(timeout=600),
         Sources(SourceConfig("path", str(FIXTURE_PKGS))),
         BuildSettings(layer_budget=budget),
         popularity,
+        layering=layering,
     )
     meter = _Meter(create_app(service, service.storage))
     server = make_server(meter, "127.0.0.1", 0, threads=8)

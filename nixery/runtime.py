@@ -13,7 +13,8 @@ from nixery.http.app import create_app
 from nixery.http.auth import make_access_control
 from nixery.http.ratelimit import RateLimit
 from nixery.images.activity import Activity, BuildEvents, Fanout
-from nixery.images.service import BuildSettings, ImageService
+from nixery.images.model import BuildSettings
+from nixery.images.service import ImageService
 from nixery.ops.health import Health, storage_writable
 from nixery.ops.metrics import Metrics
 from nixery.packages.nix import Nix

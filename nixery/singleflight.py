@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from nixery.errors import QueueFull
@@ -84,3 +85,31 @@ class SingleFlight(Generic[T]):
         """(running, waiting for a worker)."""
         with self._lock:
             return self._running, len(self._calls) - self._running
+
+
+class Count:
+    """A thread-safe count of callers inside a block."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def enter(self, limit: int | None = None) -> bool:
+        """Count one more caller, unless `limit` callers are already inside."""
+        with self._lock:
+            if limit is not None and self.value >= limit:
+                return False
+            self.value += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.value -= 1

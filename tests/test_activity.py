@@ -15,7 +15,7 @@ from nixery.images.activity import (
     BuildEvents,
     Fanout,
 )
-from nixery.images.service import Layer
+from nixery.images.model import Layer
 from nixery.storage import FilesystemStorage
 
 

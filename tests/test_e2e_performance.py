@@ -21,7 +21,8 @@ import pytest
 import zstandard
 
 from nixery.assembly.manifest import negotiate
-from nixery.images.service import BuildSettings, ImageService
+from nixery.images.model import BuildSettings
+from nixery.images.service import ImageService
 from nixery.packages.nix import Nix
 from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage

@@ -28,7 +28,7 @@ from nixery.assembly.manifest import (
     index_document,
     manifest_document,
 )
-from nixery.images.service import BuiltImage, Layer
+from nixery.images.model import BuiltImage, Layer
 from nixery.ops.gc import collect
 from nixery.packages.nix import Nix, temporary_roots
 from nixery.packages.platforms import AMD64, ARM64

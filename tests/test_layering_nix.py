@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from nixery.assembly.archive import GZIP, Compression, Output, write_store_layer
-from nixery.assembly.layers import group_layers, path_popularity
-from nixery.images.service import BuildSettings, ImageService
+from nixery.assembly.layers import LayerGroup, group_layers, path_popularity
+from nixery.images.model import BuildSettings
+from nixery.images.service import ImageService
 from nixery.packages.graph import ClosureGraph, StorePath
 from nixery.packages.names import parse_image_name
 from nixery.packages.nix import Nix, NixSource, ResolvedPackage
@@ -106,3 +107,21 @@ def test_service_ranks_cacert_and_iana_etc_most_popular(
             assert layer.paths in {(p,) for p in everywhere}
             assert layer.rating == top * layer.size
     assert layers == group_layers(graph, popularity, 94, most_popular=everywhere)
+
+
+def test_service_builds_with_the_layering_it_is_given(nix: Nix, tmp_path: Path) -> None:
+    # The layering benchmark compares rules by passing them in; a build must use it.
+    def one_layer(graph: ClosureGraph, *args: object, **kwargs: object) -> list[LayerGroup]:
+        return [LayerGroup(tuple(sorted(graph.paths)), graph.total_size(), 0)]
+
+    packages, graph = image(nix, "hello")
+    service = ImageService(
+        FilesystemStorage(tmp_path),
+        nix,
+        Sources(SourceConfig("path", str(FIXTURE_PKGS))),
+        BuildSettings(),
+        layering=one_layer,
+    )
+    source = service.sources.resolve("latest")
+    built = service.image(parse_image_name("hello"), source, service.settings.platforms[0])
+    assert [layer.paths for layer in built.layers] == [tuple(sorted(graph.paths)), ()]

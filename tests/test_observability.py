@@ -239,6 +239,6 @@ def test_text_log_lines_are_one_per_event(server: Server) -> None:
     server.stop()
     lines = [line for line in server.log_text().splitlines() if "request_id=abc-1" in line]
     assert any(
-        "nixery.images.service: built hello" in line and "tag=latest" in line for line in lines
+        "nixery.images.pipeline: built hello" in line and "tag=latest" in line for line in lines
     )
     assert any("nixery.access: GET /v2/hello/manifests/latest 200" in line for line in lines)

@@ -22,7 +22,8 @@ from nixery.assembly.manifest import (
 )
 from nixery.errors import ErrorCode, RegistryError
 from nixery.http.app import byte_range, create_app, etag_matches, tag_page
-from nixery.images.service import BuildSettings, ImageService
+from nixery.images.model import BuildSettings
+from nixery.images.service import ImageService
 from nixery.packages.nix import Nix
 from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage

@@ -18,7 +18,8 @@ import pytest
 
 from nixery.assembly.manifest import negotiate
 from nixery.errors import BuildFailed, ErrorCode, RegistryError
-from nixery.images.service import BuildSettings, ImageService
+from nixery.images.model import BuildSettings
+from nixery.images.service import ImageService
 from nixery.packages import process
 from nixery.packages.names import parse_image_name
 from nixery.packages.nix import FLAKES, Nix

@@ -23,7 +23,8 @@ from bottle import Bottle, HTTPResponse, request
 
 from nixery.errors import NixeryError
 from nixery.images.activity import Activity, Build
-from nixery.images.service import BuiltImage, ImageService, Layer
+from nixery.images.model import BuiltImage, Layer
+from nixery.images.service import ImageService
 from nixery.packages.catalog import Lookup
 from nixery.packages.graph import store_path_name
 from nixery.packages.names import ALWAYS_INCLUDED, SHELL_PACKAGES, image_component

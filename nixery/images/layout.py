@@ -27,7 +27,7 @@ from isal import igzip
 
 from nixery.assembly.manifest import OCI_INDEX, Format, canonical_json
 from nixery.errors import NixeryError
-from nixery.images.service import BuiltImage
+from nixery.images.model import BuiltImage
 from nixery.storage import Storage
 
 FORMATS = ("oci", "oci-archive", "docker-archive")

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from nixery.assembly.manifest import INDEX_TYPES, media_type_of, referenced_digests
-from nixery.images.service import BuiltImage, Layer
+from nixery.images.model import BuiltImage, Layer
 from nixery.storage import Storage
 from nixery.storage.base import Entry
 

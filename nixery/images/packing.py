@@ -1,0 +1,172 @@
+"""Packing layers: each layer group becomes a tar stored in every configured
+compression, on a shared pool of packing threads.
+
+A layer is content addressed by its store paths, so it is stored once and
+reused by every image that holds the same group; a layer wanted by several
+builds at once is packed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from nixery.assembly import archive
+from nixery.assembly.archive import Output, PackedLayer
+from nixery.assembly.layers import LayerGroup
+from nixery.assembly.rootfs import root_entries
+from nixery.images.activity import BuildEvents
+from nixery.images.model import FORMAT_VERSION, Blob, BuildSettings, Layer, cache_key
+from nixery.packages.nix import ResolvedPackage
+from nixery.singleflight import SingleFlight
+from nixery.storage import BlobWriter, Storage
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One layer of a build, and whether this build packed it."""
+
+    layer: Layer
+    packed_bytes: int | None  # None: reused from the cache
+    store_io: float
+
+
+class _TimedSink:
+    """A storage writer that counts the time spent inside it."""
+
+    def __init__(self, writer: BlobWriter):
+        self.writer = writer
+        self.seconds = 0.0
+
+    def write(self, data: bytes) -> None:
+        started = time.perf_counter()
+        self.writer.write(data)
+        self.seconds += time.perf_counter() - started
+
+    def commit(self) -> str:
+        started = time.perf_counter()
+        digest = self.writer.commit()
+        self.seconds += time.perf_counter() - started
+        return digest
+
+
+class LayerPacker:
+    """Stores the layers of images, reusing those already stored."""
+
+    def __init__(self, storage: Storage, settings: BuildSettings, events: BuildEvents):
+        self.storage = storage
+        self.settings = settings
+        self.events = events
+        self._layer_flight: SingleFlight[LayerResult] = SingleFlight()
+        self._packers = ThreadPoolExecutor(settings.pack_workers, thread_name_prefix="nixery-pack")
+        self._lock = threading.Lock()
+        self.layers_packed = 0  # observable by tests and metrics
+
+    def pack(
+        self,
+        groups: Sequence[LayerGroup],
+        packages: Sequence[ResolvedPackage],
+        on_done: Callable[[], None],
+    ) -> list[LayerResult]:
+        """One layer per group, then the root layer (which comes on top)."""
+        jobs: list[Callable[[], LayerResult]] = [
+            functools.partial(self._store_layer, group) for group in groups
+        ]
+        jobs.append(functools.partial(self._root_layer, packages))
+        sizes = [g.size for g in groups] + [0]
+        return self._run_packers(jobs, sizes, on_done)
+
+    def _run_packers(
+        self,
+        jobs: Sequence[Callable[[], LayerResult]],
+        sizes: Sequence[int],
+        on_done: Callable[[], None],
+    ) -> list[LayerResult]:
+        """Run the layer jobs on the shared packing pool, biggest first so that
+        the longest job does not start last; results keep the jobs' order.
+        `on_done` is called on this thread as each job finishes."""
+        order = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+        futures: dict[Future[LayerResult], int] = {}
+        try:
+            for i in order:
+                # Each job carries this build's log context (its request id).
+                run = contextvars.copy_context().run
+                futures[self._packers.submit(run, jobs[i])] = i
+            results: dict[int, LayerResult] = {}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                on_done()
+            return [results[i] for i in range(len(jobs))]
+        finally:
+            for future in futures:
+                future.cancel()  # after a failure: skip what has not started
+
+    def _store_layer(self, group: LayerGroup) -> LayerResult:
+        key = f"layers/{cache_key(FORMAT_VERSION, group.paths, self.settings.encoding())}.json"
+        return self._cached_layer(
+            key,
+            group.paths,
+            lambda outputs: archive.write_store_layer(group.paths, outputs),
+        )
+
+    def _root_layer(self, packages: Sequence[ResolvedPackage]) -> LayerResult:
+        pairs = sorted((p.attr_path, p.out) for p in packages)
+        key = f"layers/{cache_key(FORMAT_VERSION, 'root', pairs, self.settings.encoding())}.json"
+        return self._cached_layer(
+            key, (), lambda outputs: archive.write_root_layer(root_entries(pairs), outputs)
+        )
+
+    def _cached_layer(
+        self, key: str, paths: tuple[str, ...], write: Callable[[list[Output]], PackedLayer]
+    ) -> LayerResult:
+        """Reuse the layer stored under `key`, or pack it with `write`; a layer
+        wanted by several builds at once is packed once."""
+        cached = self._stored_layer(key)
+        self.events.cache_lookup("layer", cached is not None)
+        if cached is not None:
+            # Reused by a build in progress: gc must not take it now.
+            zstd = [cached.zstd.digest] if cached.zstd else []
+            self.storage.mark_used(key, cached.digest, *zstd)
+            return LayerResult(cached, None, 0.0)
+        return self._layer_flight.do(key, lambda: self._pack_layer(key, paths, write))
+
+    def _stored_layer(self, key: str) -> Layer | None:
+        cached = self.storage.get_document(key)
+        if cached is None:
+            return None
+        try:
+            layer = Layer.from_json(json.loads(cached))
+        except (ValueError, KeyError, TypeError):
+            return None
+        blobs = [layer.digest] + ([layer.zstd.digest] if layer.zstd else [])
+        if any(self.storage.locate_blob(d) is None for d in blobs):
+            return None
+        return layer
+
+    def _pack_layer(
+        self, key: str, paths: tuple[str, ...], write: Callable[[list[Output]], PackedLayer]
+    ) -> LayerResult:
+        cached = self._stored_layer(key)  # packed by a flight that just ended
+        if cached is not None:
+            return LayerResult(cached, None, 0.0)
+        compressions = self.settings.outputs()
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(self.storage.blob_writer()) for _ in compressions]
+            sinks = [_TimedSink(w) for w in writers]
+            packed = write([Output(c, s) for c, s in zip(compressions, sinks, strict=True)])
+            blobs = [Blob(sink.commit(), sink.writer.size) for sink in sinks]
+        gzip, zstd = blobs[0], (blobs[1] if len(blobs) > 1 else None)
+        layer = Layer(gzip.digest, gzip.size, packed.diff_id, paths, zstd)
+        started = time.perf_counter()
+        self.storage.put_document(key, json.dumps(layer.to_json()).encode())
+        store_io = sum(s.seconds for s in sinks) + time.perf_counter() - started
+        with self._lock:
+            self.layers_packed += 1
+        return LayerResult(layer, packed.uncompressed_size, store_io)

@@ -1,0 +1,276 @@
+"""The build pipeline: one image for one platform, step by step.
+
+resolve (names -> packages) -> realise (Nix builds or substitutes them) ->
+closure (the graph of store paths) -> layers (grouping) -> pack (`packing`)
+-> store (configs and manifests, then the image record).
+
+Every build reports its phases, log lines and outcome to `BuildEvents`, and
+the image record is written last, so a crash leaves nothing that points at
+a missing blob.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from nixery.assembly.layers import LayerGroup, group_layers
+from nixery.assembly.manifest import (
+    Descriptor,
+    Format,
+    config_document,
+    image_config,
+    manifest_document,
+)
+from nixery.errors import (
+    BuildFailed,
+    ErrorCode,
+    NixeryError,
+    RegistryError,
+    UnknownPackages,
+)
+from nixery.images.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
+from nixery.images.model import BuildProfile, BuildSettings, BuiltImage, Layer
+from nixery.images.packing import LayerPacker
+from nixery.packages.catalog import Catalog
+from nixery.packages.graph import ClosureGraph, store_path_name
+from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
+from nixery.packages.nix import Nix, ResolvedPackage, temporary_roots
+from nixery.packages.platforms import Platform
+from nixery.packages.sources import ResolvedSource, Sources
+from nixery.singleflight import Count
+from nixery.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# The grouping rule: `group_layers`, or another with its signature (benchmarks).
+Layering = Callable[..., list[LayerGroup]]
+
+
+class BuildPipeline:
+    """Builds and stores images; counts the builds running and times them."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        nix: Nix,
+        sources: Sources,
+        settings: BuildSettings,
+        popularity: Mapping[str, int],
+        events: BuildEvents,
+        catalog: Catalog,
+        layering: Layering = group_layers,
+    ):
+        self.storage = storage
+        self.nix = nix
+        self.sources = sources
+        self.settings = settings
+        self.popularity = popularity
+        self.events = events
+        self.catalog = catalog
+        self.layering = layering
+        self.packer = LayerPacker(storage, settings, events)
+        self._lock = threading.Lock()
+        self._durations: deque[float] = deque(maxlen=16)
+        self.running = Count()  # builds running
+
+    def recent_durations(self) -> list[float]:
+        """How long the last successful builds took, in seconds."""
+        with self._lock:
+            return list(self._durations)
+
+    def build(
+        self,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        doc_key: str,
+        name: str,
+        tag: str,
+    ) -> BuiltImage:
+        image_key = doc_key.removeprefix("images/").removesuffix(".json")
+        build = Build(name, tag, str(platform), request.packages, image_key)
+        self.events.build_started(build)
+        log.info("build started", extra={"image": name, "tag": tag, "build": build.id})
+        try:
+            with self.running.held():
+                built, packed, profile = self._build_steps(
+                    build, request, source, platform, doc_key
+                )
+        except Exception as exc:  # every build that starts must end on the page
+            self._failed(build, exc)
+            raise
+        layers = [(layer.size, p) for layer, p in zip(built.layers, packed, strict=True)]
+        record = build.record(SUCCESS, layers, profile=profile.to_json())
+        self.events.build_ended(build, record)
+        with self._lock:
+            self._durations.append(record.duration)
+        log.info(
+            "built %s for %s in %.2fs (%d layers, packed %d layers)",
+            name, platform, record.duration, record.layers, record.packed,
+            extra={"image": name, "tag": tag, "build": build.id,
+                   "duration": round(record.duration, 3),
+                   "layers": record.layers, "packed": record.packed, "size": record.size,
+                   "profile": profile.to_json()},
+        )  # fmt: skip
+        return built
+
+    def _build_steps(
+        self,
+        build: Build,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        doc_key: str,
+    ) -> tuple[BuiltImage, list[bool], BuildProfile]:
+        started = time.perf_counter()
+        on_log = self._log_listener(build)
+        try:
+            packages = self.nix.resolve(
+                self.sources.nix_source(source),
+                platform.nix_system,
+                request.packages,
+                self.settings.overlays,
+                on_log,
+            )
+        except UnknownPackages as exc:
+            detail: dict[str, Any] = {}
+            if exc.names:
+                detail["unknown_packages"] = exc.names
+            if exc.refused:
+                detail["refused_packages"] = exc.refused
+            suggestions = self._suggestions(source, platform, exc.names) if exc.names else {}
+            if suggestions:
+                detail["suggestions"] = suggestions
+            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
+        evaluated = time.perf_counter()
+        built, packed, profile = self._pack(packages, platform, build)
+        stored = time.perf_counter()
+        self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
+        done = time.perf_counter()
+        profile = replace(
+            profile,
+            evaluate=evaluated - started,
+            documents=profile.documents + done - stored,
+            total=done - started,
+        )
+        return built, packed, profile
+
+    def _pack(
+        self, packages: Sequence[ResolvedPackage], platform: Platform, build: Build
+    ) -> tuple[BuiltImage, list[bool], BuildProfile]:
+        """Build the packages and store the image; say which layers were packed
+        and where the time went."""
+        started = time.perf_counter()
+        self._phase(build, "building")
+        # The roots keep the closure from Nix's garbage collector until packed.
+        with temporary_roots() as roots:
+            outs = self.nix.realise(packages, self._log_listener(build), roots)
+            realised = time.perf_counter()
+            graph = self.nix.closure(outs)
+            self._check_size(graph)
+            groups = self.group(graph, packages)
+            grouped = time.perf_counter()
+            self._phase(build, "packing", total=len(groups) + 1)
+            results = self.packer.pack(groups, packages, lambda: self._advance(build))
+            packed = time.perf_counter()
+        self._phase(build, "storing")
+        built = self._store_image(packages, platform, [r.layer for r in results])
+        stored = time.perf_counter()
+        fresh = [r for r in results if r.packed_bytes is not None]
+        profile = BuildProfile(
+            realise=realised - started,
+            closure=grouped - realised,
+            packing=packed - grouped,
+            store_io=sum(r.store_io for r in results),
+            documents=stored - packed,
+            packed_bytes=sum(r.packed_bytes or 0 for r in fresh),
+        )
+        return built, [r.packed_bytes is not None for r in results], profile
+
+    def _check_size(self, graph: ClosureGraph) -> None:
+        limit = self.settings.max_image_size
+        size = graph.total_size()
+        if limit is not None and size > limit:
+            raise RegistryError(
+                ErrorCode.DENIED,
+                {"closure_size": size, "max_image_size": limit},
+                f"the image's closure is {size} bytes, over this registry's limit of {limit}",
+            )
+
+    def group(self, graph: ClosureGraph, packages: Sequence[ResolvedPackage]) -> list[LayerGroup]:
+        """Split the closure into package layers (the root layer comes on top)."""
+        # Packages in every image rank as the most popular, whatever they are called.
+        everywhere = {p.out for p in packages if p.attr_path in ALWAYS_INCLUDED}
+        return self.layering(
+            graph, self.popularity, self.settings.layer_budget, most_popular=everywhere
+        )
+
+    def _store_image(
+        self, packages: Sequence[ResolvedPackage], platform: Platform, layers: Sequence[Layer]
+    ) -> BuiltImage:
+        """Store the configs and manifests of both formats over `layers`."""
+        histories = [_history(layer.paths) for layer in layers[:-1]] + ["nixery: root file system"]
+        names = {p.attr_path for p in packages}
+        cmd = ["bash"] if "bashInteractive" in names else None
+        config = image_config(platform, [layer.diff_id for layer in layers], histories, cmd)
+        manifests: dict[str, Descriptor] = {}
+        for fmt in Format:
+            config_doc = config_document(config, fmt)
+            self.storage.put_blob(config_doc.data)
+            descriptors = [layer.descriptor(fmt) for layer in layers]
+            manifest = manifest_document(fmt, config_doc.descriptor(), descriptors)
+            self.storage.put_blob(manifest.data)
+            manifests[fmt.name] = manifest.descriptor()
+        return BuiltImage(manifests, tuple(layers), tuple(sorted(names)))
+
+    def _failed(self, build: Build, exc: Exception) -> None:
+        fields = {"image": build.image, "tag": build.tag, "build": build.id}
+        if isinstance(exc, RegistryError) and exc.code is ErrorCode.MANIFEST_UNKNOWN:
+            self.events.build_ended(build, build.record(UNKNOWN_PACKAGES, error=exc.message))
+            log.info("build rejected: %s", exc.message, extra=fields)
+            return
+        log_tail = exc.log_tail if isinstance(exc, BuildFailed) else None
+        self.events.build_ended(build, build.record(FAILURE, error=str(exc), log_tail=log_tail))
+        log.warning("build failed: %s", exc, extra=fields)
+
+    def _suggestions(
+        self, source: ResolvedSource, platform: Platform, names: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """Close matches for each unknown name, written as image names."""
+        out: dict[str, list[str]] = {}
+        try:
+            nix_source = self.sources.nix_source(source)
+            for name in names:
+                close = self.catalog.suggest(nix_source, source.revision, platform.nix_system, name)
+                components = [c for c in map(image_component, close) if c]
+                if components:
+                    out[image_component(name) or name] = components
+        except NixeryError:
+            log.warning("no suggestions: listing the package set failed", exc_info=True)
+        return out
+
+    def _log_listener(self, build: Build) -> Callable[[str], None]:
+        def listen(line: str) -> None:
+            build.log(line)
+            self.events.build_log(build, line)
+
+        return listen
+
+    def _phase(self, build: Build, phase: str, total: int = 0) -> None:
+        build.enter(phase, total)
+        self.events.build_phase(build)
+
+    def _advance(self, build: Build) -> None:
+        build.advance()
+        self.events.build_phase(build)
+
+
+def _history(paths: Sequence[str]) -> str:
+    return "nixery: " + " ".join(store_path_name(p) for p in paths)

@@ -1,0 +1,167 @@
+"""The build queue: from a request to a built image, stored or built once.
+
+An image is looked up by a key computed from everything that decides its
+bytes; a stored one is served as it is (the revision pins the package set,
+so it is never stale). Otherwise its build is queued on the build workers,
+shared by every request that wants the same image at the same time. Past
+the configured limits, requests are refused with 429 and a Retry-After of
+about one build, so server threads stay free for cached images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+
+from nixery.assembly.manifest import referenced_digests
+from nixery.errors import BuildNotAllowed, ErrorCode, QueueFull, RegistryError
+from nixery.images.activity import BuildEvents
+from nixery.images.model import FORMAT_VERSION, BuildSettings, BuiltImage, cache_key
+from nixery.images.pipeline import BuildPipeline
+from nixery.packages.names import ImageRequest
+from nixery.packages.platforms import Platform
+from nixery.packages.sources import LATEST, ResolvedSource
+from nixery.singleflight import Count, SingleFlight
+from nixery.storage import Storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRY_AFTER = 5  # seconds, before any build has been timed
+
+
+class BuildQueue:
+    """Runs at most `max_builds` builds at once, each image's build once."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        settings: BuildSettings,
+        popularity: Mapping[str, int],
+        events: BuildEvents,
+        pipeline: BuildPipeline,
+    ):
+        self.storage = storage
+        self.settings = settings
+        self.popularity = popularity
+        self.events = events
+        self.pipeline = pipeline
+        # Builds run on their own workers: a client that leaves cancels nothing.
+        self._flight: SingleFlight[BuiltImage] = SingleFlight(
+            settings.max_builds, settings.max_queue, "nixery-build"
+        )
+        self._asking = Count()  # requests inside a (possibly shared) build
+
+    def image(
+        self,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        name: str | None = None,
+        tag: str = LATEST,
+        may_build: bool = True,
+    ) -> BuiltImage:
+        """The built image for one platform (see `ImageService.image`)."""
+        future = self.submit(request, source, platform, name, tag, may_build)
+        return self.wait([future])[0]
+
+    def wait(self, futures: Sequence[Future[BuiltImage]]) -> list[BuiltImage]:
+        """The images of `futures`, in order; refused past `max_waiting` waiters."""
+        if all(f.done() for f in futures):
+            return [f.result() for f in futures]
+        # A waiting request holds a server thread; past the limit it is
+        # refused, so threads stay free for cached images, blobs and health
+        # checks. Its build goes on, and the retry finds the image stored.
+        if not self._asking.enter(self.settings.max_waiting):
+            raise RegistryError(
+                ErrorCode.TOOMANYREQUESTS,
+                {"waiting": self.settings.max_waiting},
+                "too many requests are waiting for builds, retry later",
+                headers={"Retry-After": str(self._retry_after())},
+            )
+        try:
+            return [f.result() for f in futures]
+        finally:
+            self._asking.leave()
+
+    def submit(
+        self,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        name: str | None,
+        tag: str,
+        may_build: bool = True,
+    ) -> Future[BuiltImage]:
+        """The stored image, or its build queued (or joined, if one is running)."""
+        key = cache_key(
+            FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
+            self.settings.overlays, self.settings.layer_budget, self.settings.encoding(),
+            sorted(self.popularity.items()),
+        )  # fmt: skip
+        doc_key = f"images/{key}.json"
+        # The revision pins the package set, so a stored image is never stale.
+        cached = self._stored_image(doc_key)
+        self.events.cache_lookup("image", cached is not None)
+        if cached is not None:
+            done: Future[BuiltImage] = Future()
+            done.set_result(cached)
+            return done
+        if not may_build:
+            raise BuildNotAllowed()
+        label = name or "/".join(request.requested) or "/".join(request.packages)
+        try:
+            future = self._flight.submit(
+                key,
+                lambda: (
+                    self._stored_image(doc_key)
+                    or self.pipeline.build(request, source, platform, doc_key, label, tag)
+                ),
+            )
+        except QueueFull as exc:
+            raise RegistryError(
+                ErrorCode.TOOMANYREQUESTS,
+                {"building": exc.running, "waiting": exc.waiting},
+                "too many images are being built, retry later",
+                headers={"Retry-After": str(self._retry_after())},
+            ) from exc
+        building, waiting = self._flight.counts()
+        if waiting and building >= self.settings.max_builds:
+            log.info("build queue: %d building, %d waiting", building, waiting)
+        return future
+
+    def _retry_after(self) -> int:
+        """Seconds a refused client should wait: about one build."""
+        recent = self.pipeline.recent_durations()
+        if not recent:
+            return DEFAULT_RETRY_AFTER
+        return max(1, min(60, math.ceil(sum(recent) / len(recent))))
+
+    def _stored_image(self, doc_key: str) -> BuiltImage | None:
+        """A stored image whose blobs are all present, or None (then it is rebuilt)."""
+        data = self.storage.get_document(doc_key)
+        if data is None:
+            return None
+        try:
+            built = BuiltImage.from_json(json.loads(data))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable %s", doc_key)
+            return None
+        digests = [d.digest for d in built.manifests.values()]
+        digests += [layer.digest for layer in built.layers]
+        for manifest in built.manifests.values():
+            digests += referenced_digests(self.storage.read_blob(manifest.digest) or b"")
+        if any(self.storage.locate_blob(d) is None for d in digests):
+            log.warning("%s lost blobs; rebuilding", doc_key)
+            return None
+        self.storage.mark_used(doc_key)
+        return built
+
+    def builds_in_progress(self) -> int:
+        return self.pipeline.running.value
+
+    def builds_queued(self) -> int:
+        """Requests waiting for a build that another request started."""
+        return max(self._asking.value - self.pipeline.running.value, 0)
