@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -64,7 +65,7 @@ from nixery.packages.names import (
     validate_digest,
     validate_tag,
 )
-from nixery.packages.nix import Nix, ResolvedPackage, temporary_roots
+from nixery.packages.nix import OVERLAY_MODES, Nix, ResolvedPackage, temporary_roots
 from nixery.packages.platforms import Platform, host_cores, host_platform
 from nixery.packages.sources import LATEST, ResolvedSource, Sources
 from nixery.singleflight import SingleFlight
@@ -509,6 +510,8 @@ class ImageService:
             suggestions = self._suggestions(source, platform, exc.names) if exc.names else {}
             if suggestions:
                 detail["suggestions"] = suggestions
+            if self.settings.overlays:
+                detail["overlays"] = _overlays_detail(self.settings.overlays, exc)
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
         evaluated = time.perf_counter()
         built, packed, profile = self._pack(packages, platform, build)
@@ -780,3 +783,11 @@ __all__ = [
     "ImageService",
     "Layer",
 ]
+
+
+def _overlays_detail(overlays: Sequence[str], exc: UnknownPackages) -> dict[str, Any]:
+    """Which overlays an unknown name was looked up with, and how they were
+    applied: "not defined" and "overlay not applied" then look different.
+    File names only: the server's directories are not the client's business."""
+    applied = OVERLAY_MODES.get(exc.overlays_applied or "", "unknown")
+    return {"files": [os.path.basename(o) for o in overlays], "applied": applied}
