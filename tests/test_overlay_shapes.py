@@ -134,6 +134,8 @@ def test_registry_404_names_the_overlays(start_server: StartServer, tmp_path: Pa
     # The overlay's package is found and built.
     found = call(server.host, "GET", "/v2/internal-tool/manifests/latest", accept)
     assert found.status == 200, found.body
+    # Several evaluations (lookup, suggestions, build), one log line.
+    assert server.log_text().count("overlay(s) laid on top of the package set") == 1
 
 
 def test_registry_404_without_overlays_has_no_overlay_detail(
