@@ -114,9 +114,16 @@ class UnknownPackages(NixeryError):
     """Some requested package names do not resolve in the package set, or
     name a package that refuses to evaluate (`refused`: name -> reason)."""
 
-    def __init__(self, names: list[str], refused: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        refused: Mapping[str, str] | None = None,
+        overlays_applied: str | None = None,
+    ):
         self.names = names
         self.refused = dict(refused or {})
+        # How the package set got the configured overlays (see resolve.nix).
+        self.overlays_applied = overlays_applied
         parts = ["unknown packages: " + ", ".join(names)] if names else []
         if self.refused:
             reasons = "; ".join(f"{name}: {why}" for name, why in sorted(self.refused.items()))

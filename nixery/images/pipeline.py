@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -41,7 +42,7 @@ from nixery.images.packing import LayerPacker
 from nixery.packages.catalog import Catalog
 from nixery.packages.graph import ClosureGraph, store_path_name
 from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
-from nixery.packages.nix import Nix, ResolvedPackage, temporary_roots
+from nixery.packages.nix import OVERLAY_MODES, Nix, ResolvedPackage, temporary_roots
 from nixery.packages.platforms import Platform
 from nixery.packages.sources import ResolvedSource, Sources
 from nixery.singleflight import Count
@@ -148,6 +149,8 @@ class BuildPipeline:
             suggestions = self._suggestions(source, platform, exc.names) if exc.names else {}
             if suggestions:
                 detail["suggestions"] = suggestions
+            if self.settings.overlays:
+                detail["overlays"] = _overlays_detail(self.settings.overlays, exc)
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
         evaluated = time.perf_counter()
         built, packed, profile = self._pack(packages, platform, build)
@@ -274,3 +277,11 @@ class BuildPipeline:
 
 def _history(paths: Sequence[str]) -> str:
     return "nixery: " + " ".join(store_path_name(p) for p in paths)
+
+
+def _overlays_detail(overlays: Sequence[str], exc: UnknownPackages) -> dict[str, Any]:
+    """Which overlays an unknown name was looked up with, and how they were
+    applied: "not defined" and "overlay not applied" then look different.
+    File names only: the server's directories are not the client's business."""
+    applied = OVERLAY_MODES.get(exc.overlays_applied or "", "unknown")
+    return {"files": [os.path.basename(o) for o in overlays], "applied": applied}

@@ -10,10 +10,12 @@ both, so only flake operations enable them, with a command-line option.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from nixery.errors import (
 from nixery.packages import process
 from nixery.packages.graph import ClosureGraph, parse_registration
 
+log = logging.getLogger(__name__)
+
 LOG_TAIL_LINES = 30
 # Refused names whose error is looked up (one evaluation each); the rest get
 # a generic reason.
@@ -40,6 +44,16 @@ FLAKES = ["--extra-experimental-features", "nix-command flakes"]
 
 # Store paths per command line when a command takes many (well below ARG_MAX).
 PATHS_PER_CALL = 500
+
+# How `resolve.nix` applied the overlays (its `overlaysApplied`), for people.
+OVERLAY_MODES = {
+    "overlays-argument": "passed to the package set's function as its `overlays` argument",
+    "appendOverlays": "applied with the package set's `appendOverlays`",
+    "on-top": (
+        "laid on top of the package set (it takes no `overlays` argument): "
+        "the set's own packages do not see their overrides"
+    ),
+}
 
 # Receives Nix's stderr line by line while a command runs.
 LogListener = Callable[[str], None]
@@ -106,6 +120,7 @@ class Nix:
     timeout: float = 60.0
     extra_options: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] | None = None
+    _overlay_modes: _Once = field(default_factory=lambda: _Once(), compare=False, repr=False)
 
     def _options(self) -> list[str]:
         argv: list[str] = []
@@ -158,7 +173,15 @@ class Nix:
                 ]  # fmt: skip
                 config = {"NIXPKGS_CONFIG": str(exprs / "nixpkgs-config.nix")}
                 completed = self._run(argv, "evaluating the package set", on_log=on_log, env=config)
-                return json.loads(completed.stdout)
+                result = json.loads(completed.stdout)
+        self._report_overlays(result.get("overlaysApplied"), len(args.get("overlays") or ()))
+        return result
+
+    def _report_overlays(self, mode: str | None, count: int) -> None:
+        """Log how the overlays were applied, once per way (a set that drops
+        them silently was the cause of confusing unknown-package errors)."""
+        if mode in OVERLAY_MODES and self._overlay_modes.first(mode):
+            log.info("%d overlay(s) %s", count, OVERLAY_MODES[mode], extra={"overlays": mode})
 
     def resolve(
         self,
@@ -184,7 +207,9 @@ class Nix:
                 else "does not evaluate"
                 for i, name in enumerate(refused)
             }
-            raise UnknownPackages(sorted(result["unknown"]), reasons)
+            raise UnknownPackages(
+                sorted(result["unknown"]), reasons, overlays_applied=result.get("overlaysApplied")
+            )
         return [
             ResolvedPackage(p["name"], p["attrPath"], p["drv"], p["out"], p["output"])
             for p in result["packages"]
@@ -345,6 +370,22 @@ class Nix:
         if not isinstance(locked, dict) or not isinstance(url, str):
             raise SourceUnavailable(f"nix flake metadata gave no locked reference for {ref}")
         return FlakeLock(url, locked)
+
+
+class _Once:
+    """Remembers which keys were seen, across threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+
+    def first(self, key: str) -> bool:
+        """True the first time `key` is given."""
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+            return True
 
 
 @contextmanager

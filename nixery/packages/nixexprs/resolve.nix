@@ -18,7 +18,9 @@
 # name, attrPath, drv, out, output } ... ]; } where `unknown` lists every
 # name that does not resolve to a derivation and `refused` every name that
 # exists but throws when evaluated (an unfree, broken or insecure package, a
-# removed alias); with `listAttributes`, also `attributes`.
+# removed alias); `overlaysApplied` says how the overlays were applied
+# ("none", "overlays-argument", "appendOverlays" or "on-top"); with
+# `listAttributes`, also `attributes`.
 { argsFile }:
 let
   args = builtins.fromJSON (builtins.readFile argsFile);
@@ -35,22 +37,34 @@ let
 
   overlays = map import (args.overlays or [ ]);
 
-  # A set that is not a function cannot take overlays itself: nixpkgs sets
-  # know `appendOverlays`; any other set gets them applied on top, so an
-  # overlay's `final` sees the result but packages already in the set do not
-  # pick up its overrides.
-  withOverlays = set:
-    if overlays == [ ] then set
-    else if set ? appendOverlays then set.appendOverlays overlays
-    else
-      let fix = f: let x = f x; in x;
-      in fix (final: builtins.foldl' (prev: overlay: prev // overlay final prev) set overlays);
+  # How the overlays reach the set; reported as `overlaysApplied`.
+  # A function that declares `overlays` takes them itself (nixpkgs does).
+  # Any other set gets them from outside: nixpkgs-like sets know
+  # `appendOverlays`; otherwise they are laid on top, so an overlay's `final`
+  # sees the result but packages already in the set do not pick up its
+  # overrides. A function that only has `...` would drop an `overlays`
+  # argument silently, so it is never given one.
+  takesOverlays = f: (builtins.functionArgs f) ? overlays;
+
+  onTop = set:
+    let fix = f: let x = f x; in x;
+    in fix (final: builtins.foldl' (prev: overlay: prev // overlay final prev) set overlays);
+
+  applyOutside = set:
+    if set ? appendOverlays
+    then { pkgs = set.appendOverlays overlays; mode = "appendOverlays"; }
+    else { pkgs = onTop set; mode = "on-top"; };
 
   imported = loadSource args.source;
-  pkgs =
-    if builtins.isFunction imported
-    then imported { system = args.system; inherit overlays; }
-    else withOverlays imported;
+  takes = builtins.isFunction imported && takesOverlays imported;
+  called =
+    if !builtins.isFunction imported then imported
+    else imported ({ system = args.system; } // (if takes then { inherit overlays; } else { }));
+  loaded =
+    if overlays == [ ] then { pkgs = called; mode = "none"; }
+    else if takes then { pkgs = called; mode = "overlays-argument"; }
+    else applyOutside called;
+  pkgs = loaded.pkgs;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -125,4 +139,5 @@ in
   unknown = map (r: r.name) (builtins.filter (r: r ? unknown) results);
   refused = map (r: r.name) (builtins.filter (r: r ? refused) results);
   packages = builtins.filter (r: r ? drv) results;
+  overlaysApplied = loaded.mode;
 } // (if args.listAttributes or false then { attributes = builtins.attrNames pkgs; } else { })
