@@ -24,6 +24,7 @@ let
     "pytest"
     "ruff"
     "mypy"
+    "import-linter"
   ];
   testRequirements = lib.filter (r: !(builtins.elem (pypiName r) linters)) (
     pyproject.project.optional-dependencies.test or [ ]
