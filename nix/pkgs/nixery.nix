@@ -40,6 +40,8 @@ python3Packages.buildPythonApplication {
     fileset = lib.fileset.unions [
       ../../pyproject.toml
       ../../README.md
+      # tests/test_docs.py checks the configuration reference against the CLI.
+      ../../docs
       ../../nixery
       ../../tests
       # The unit tests check the Kubernetes manifests.
