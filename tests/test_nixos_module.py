@@ -302,7 +302,7 @@ def test_package_expression(lib: str) -> None:
     test_only = [
         canonical(r)
         for r in project.get("optional-dependencies", {}).get("test", [])
-        if canonical(r) not in ("pytest", "ruff", "mypy")
+        if canonical(r) not in ("pytest", "ruff", "mypy", "import-linter")
     ]
     expected = [*runtime, *test_only, "setuptools", "pytestCheckHook"]
     package = evaluate("eval-package.nix", libPath=lib, expectedJSON=json.dumps(expected))

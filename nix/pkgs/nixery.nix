@@ -24,6 +24,7 @@ let
     "pytest"
     "ruff"
     "mypy"
+    "import-linter"
   ];
   testRequirements = lib.filter (r: !(builtins.elem (pypiName r) linters)) (
     pyproject.project.optional-dependencies.test or [ ]
@@ -39,6 +40,8 @@ python3Packages.buildPythonApplication {
     fileset = lib.fileset.unions [
       ../../pyproject.toml
       ../../README.md
+      # tests/test_docs.py checks the configuration reference against the CLI.
+      ../../docs
       ../../nixery
       ../../tests
       # The unit tests check the Kubernetes manifests.
