@@ -68,6 +68,14 @@ RUN_ELSEWHERE: dict[str, tuple[str, tuple[str, ...]]] = {
     ".venv/bin/python -m tests.s3server": ("tests/conftest.py", ("s3server.start(",)),
     ".venv/bin/python -m benchmarks.s3": ("benchmarks/README.md", ("benchmarks.s3",)),
 }
+# Pages whose shell blocks a test runs as written, in order: the test file and
+# what it must contain for the claim to hold.
+RUN_AS_PAGE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "docs/organisations.md": (
+        "tests/test_organisation.py",
+        ('"docs" / "organisations.md"', 'page_blocks("sh")', "run_block("),
+    ),
+}
 # Top-level entries of the repository: a word starting with one is a path.
 REPOSITORY = re.compile(
     r"^(?:\.\./)?((?:nixery|tests|benchmarks|scripts|deploy|docs|nix|\.ci)/[\w./-]*"
@@ -159,7 +167,23 @@ def split_commands(block: Block) -> Iterator[Command]:
 
 
 def shell_commands() -> list[Command]:
-    return [c for page in PAGES for b in blocks(page) if b.lang in SHELL for c in split_commands(b)]
+    return [
+        c
+        for page in PAGES
+        if page.relative_to(ROOT).as_posix() not in RUN_AS_PAGE
+        for b in blocks(page)
+        if b.lang in SHELL
+        for c in split_commands(b)
+    ]
+
+
+@pytest.mark.parametrize("page", RUN_AS_PAGE)
+def test_pages_run_as_written_are_run_by_their_test(page: str) -> None:
+    runner, needles = RUN_AS_PAGE[page]
+    assert (ROOT / page).exists()
+    text = (ROOT / runner).read_text()
+    for needle in needles:
+        assert needle in text, f"{runner} does not run the blocks of {page} (no {needle!r})"
 
 
 def parse_nixery(args: list[str]) -> None:
