@@ -73,7 +73,7 @@ from nixery.storage import BlobWriter, Storage
 log = logging.getLogger(__name__)
 
 # Bump when the bytes of layers or manifests change for the same input.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 # Larger blobs are never read as manifests (the spec's suggested manifest limit).
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 16
