@@ -110,7 +110,9 @@ def test_build_users_missing_from_the_member_list_are_added(fresh_etc: Path) -> 
     group_file = fresh_etc / "group"
     lines = group_file.read_text().splitlines()
     group_file.write_text(
-        "\n".join(line.rsplit(":", 1)[0] + ":" if line.startswith("nixbld:") else line for line in lines)
+        "\n".join(
+            line.rsplit(":", 1)[0] + ":" if line.startswith("nixbld:") else line for line in lines
+        )
         + "\n"
     )
     assert in_fresh_machine(fresh_etc, "scripts/nix-build-users").returncode == 0
