@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from nixery.errors import (
     BuildFailed,
@@ -90,6 +90,14 @@ class PackageInfo:
     description: str | None
 
 
+class Description(NamedTuple):
+    """What `Nix.describe` found out about some names."""
+
+    found: list[PackageInfo]  # the names that resolve
+    refused: list[str]  # names that exist but refuse to evaluate
+    attributes: list[str] | None  # the set's top-level names, if asked
+
+
 @dataclass(frozen=True)
 class PackageSetClosure:
     """The runtime closures of a package set's top-level packages."""
@@ -142,7 +150,11 @@ class Nix:
         return env
 
     def _evaluate(
-        self, source: NixSource, args: dict[str, Any], on_log: LogListener | None = None
+        self,
+        source: NixSource,
+        args: dict[str, Any],
+        on_log: LogListener | None = None,
+        timeout: float | None = None,
     ) -> Any:
         """Run `resolve.nix` on `args` (with `source`), handed over as a JSON file."""
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="nixery-args-") as fh:
@@ -157,7 +169,9 @@ class Nix:
                     "--argstr", "argsFile", fh.name,
                 ]  # fmt: skip
                 config = {"NIXPKGS_CONFIG": str(exprs / "nixpkgs-config.nix")}
-                completed = self._run(argv, "evaluating the package set", on_log=on_log, env=config)
+                completed = self._run(
+                    argv, "evaluating the package set", timeout, on_log=on_log, env=config
+                )
                 return json.loads(completed.stdout)
 
     def resolve(
@@ -210,9 +224,11 @@ class Nix:
         names: Sequence[str],
         overlays: Sequence[str] = (),
         list_attributes: bool = False,
-    ) -> tuple[list[PackageInfo], list[str] | None]:
-        """Version and description of the names that resolve (misses are left
-        out) and, if asked, the package set's top-level attribute names."""
+        timeout: float | None = None,
+    ) -> Description:
+        """Version and description of the names that resolve, the names that
+        exist but refuse to evaluate and, if asked, the package set's
+        top-level attribute names. Nothing is built."""
         args: dict[str, Any] = {
             "system": system,
             "packages": list(names),
@@ -220,13 +236,22 @@ class Nix:
             "describe": True,
             "listAttributes": list_attributes,
         }
-        result = self._evaluate(source, args)
+        result = self._evaluate(source, args, timeout=timeout)
         found = [
             PackageInfo(p["name"], p["attrPath"], p.get("version"), p.get("description"))
             for p in result["packages"]
         ]
         attributes = result.get("attributes")
-        return found, (list(attributes) if attributes is not None else None)
+        return Description(
+            found, list(result["refused"]), list(attributes) if attributes is not None else None
+        )
+
+    def refusal(
+        self, source: NixSource, system: str, name: str, overlays: Sequence[str] = ()
+    ) -> str:
+        """Nix's reason why `name` refuses to evaluate."""
+        args = {"system": system, "packages": [name], "overlays": list(overlays)}
+        return self._refusal(source, args)
 
     def version(self) -> str:
         """The Nix version, e.g. `nix-store (Nix) 2.8.0`; proves Nix can run."""
