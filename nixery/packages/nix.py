@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -150,11 +150,7 @@ class Nix:
         return env
 
     def _evaluate(
-        self,
-        source: NixSource,
-        args: dict[str, Any],
-        on_log: LogListener | None = None,
-        timeout: float | None = None,
+        self, source: NixSource, args: dict[str, Any], on_log: LogListener | None = None
     ) -> Any:
         """Run `resolve.nix` on `args` (with `source`), handed over as a JSON file."""
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="nixery-args-") as fh:
@@ -169,9 +165,7 @@ class Nix:
                     "--argstr", "argsFile", fh.name,
                 ]  # fmt: skip
                 config = {"NIXPKGS_CONFIG": str(exprs / "nixpkgs-config.nix")}
-                completed = self._run(
-                    argv, "evaluating the package set", timeout, on_log=on_log, env=config
-                )
+                completed = self._run(argv, "evaluating the package set", on_log=on_log, env=config)
                 return json.loads(completed.stdout)
 
     def resolve(
@@ -236,7 +230,9 @@ class Nix:
             "describe": True,
             "listAttributes": list_attributes,
         }
-        result = self._evaluate(source, args, timeout=timeout)
+        # A caller's own bound (suggestions for a 404) replaces the general one.
+        nix = replace(self, timeout=timeout) if timeout else self
+        result = nix._evaluate(source, args)
         found = [
             PackageInfo(p["name"], p["attrPath"], p.get("version"), p.get("description"))
             for p in result["packages"]
