@@ -234,7 +234,7 @@ def start(root: Path, port: int | None = None, timeout: float = START_TIMEOUT) -
     """Make a new cluster under `root` (which must be empty) and start it."""
     missing = missing_binaries()
     if missing:
-        raise S3ServerError(f"missing {missing}: run scripts/bootstrap (Ceph from Debian)")
+        raise S3ServerError(f"missing {missing}: run scripts/bootstrap --test (Ceph from Debian)")
     deadline = time.monotonic() + timeout
     s3_port = port or free_port()
     server = S3Server(root, s3_port)

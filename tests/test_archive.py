@@ -95,6 +95,7 @@ def test_root_layer_joins_packages(tmp_path: Path) -> None:
     assert entries["lib"].target == str(a / "lib")
     assert entries["tmp"].mode == 0o1777
     assert b"root:x:0:0" in entries["etc/passwd"].content
+    assert b"hosts: files dns\n" in entries["etc/nsswitch.conf"].content
     sink1, sink2 = Collect(), Collect()
     gzip = Compression(GZIP, 1)
     write_root_layer(list(entries.values()), [Output(gzip, sink1)])

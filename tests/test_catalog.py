@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
+from nixery.errors import BuildFailed
 from nixery.packages.catalog import Catalog
 from nixery.packages.names import image_component
 from nixery.packages.nix import Nix, NixSource
@@ -36,9 +39,10 @@ def nix() -> CountingNix:
 
 
 def test_describe_reads_version_and_description(nix: Nix) -> None:
-    found, attributes = nix.describe(
+    found, refused, attributes = nix.describe(
         SOURCE, SYSTEM, ["HELLO", "xorg.xev", "nope", "notAPackage"], list_attributes=True
     )
+    assert refused == []
     by_name = {p.name: p for p in found}
     assert set(by_name) == {"HELLO", "xorg.xev"}
     assert by_name["HELLO"].attr_path == "hello"
@@ -102,3 +106,34 @@ def test_expired_entries_are_looked_up_again(nix: CountingNix) -> None:
 )  # fmt: skip
 def test_image_component_inverts_attribute_names(attr: str, component: str | None) -> None:
     assert image_component(attr) == component
+
+
+NIXPKGS_LIKE = NixSource("path", str(FIXTURE_PKGS.parent / "nixpkgs-like"))
+
+
+def test_a_name_that_refuses_to_evaluate_is_present_with_nixs_reason(nix: CountingNix) -> None:
+    catalog = Catalog(nix)
+    revision = f"path:{NIXPKGS_LIKE.location}"
+    unfree = catalog.lookup(NIXPKGS_LIKE, revision, SYSTEM, "unfree-tool")
+    assert unfree.present and not unfree.found
+    assert unfree.refused is not None and "has an unfree license" in unfree.refused
+    assert unfree.suggestions == ()
+    removed = catalog.lookup(NIXPKGS_LIKE, revision, SYSTEM, "old-tool")
+    assert removed.refused == "'old-tool' has been removed because it was unmaintained"
+    missing = catalog.lookup(NIXPKGS_LIKE, revision, SYSTEM, "unfree-tol")
+    assert not missing.present and missing.suggestions[0] == "unfree-tool"
+
+
+def test_suggestions_give_up_when_listing_the_names_takes_too_long(
+    nix: CountingNix, tmp_path: Path
+) -> None:
+    """A package set whose evaluation blocks (on a FIFO nobody writes): no suggestions."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    (tmp_path / "default.nix").write_text(
+        f'{{ ... }}: builtins.seq (builtins.readFile "{gate}") {{ hello = 1; }}\n'
+    )
+    catalog = Catalog(nix, list_timeout=1)
+    blocked = NixSource("path", str(tmp_path))
+    with pytest.raises(BuildFailed, match="timed out after 1s"):
+        catalog.suggest(blocked, "blocked", SYSTEM, "helo")

@@ -18,8 +18,16 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
-from nixery.assembly.manifest import OCI_INDEX, OCI_MANIFEST
+from nixery.assembly.manifest import (
+    DOCKER_CONFIG,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from tests.accept import accept_headers, served_types
 from tests.clients import (
     PODMAN_RUN_FLAGS,
     Containerd,
@@ -39,6 +47,8 @@ IMAGE = "shell/hello"
 GREETING = "Hello, world!"
 PLATFORMS = {"host": (), "amd64+arm64": ("--platforms", "linux/amd64,linux/arm64")}
 T = TypeVar("T")
+# Debian 12's docker.io (20.10); another docker build may come first on PATH.
+DOCKER_CLI = "/usr/bin/docker"
 
 
 def timed(label: str, action: Callable[[], T]) -> T:
@@ -68,7 +78,7 @@ def multi(platforms: str) -> bool:
 def registry(platforms: str, start_module_server: StartServer, storage: Path) -> Server:
     server = start_module_server(*PLATFORMS[platforms], storage=storage)
     # Build first, so the clients' times are pull times.
-    for accept in (OCI_INDEX, OCI_MANIFEST):
+    for accept in (f"{OCI_INDEX}, {OCI_MANIFEST}", OCI_MANIFEST):
         reply = call(server.host, "GET", f"/v2/{IMAGE}/manifests/latest", {"Accept": accept})
         assert reply.status == 200, reply.body
     return server
@@ -250,3 +260,49 @@ def test_python_dxf_pulls_every_blob(registry: Server, multi: bool) -> None:
     assert digest and digest.startswith("sha256:")
     assert client.list_aliases() == ["latest"]
     assert client.list_aliases(batch_size=1) == ["latest"]
+
+
+def docker_manifest_inspect(registry: Server, home: Path, *flags: str) -> Any:
+    if not os.access(DOCKER_CLI, os.X_OK):
+        pytest.fail(f"missing {DOCKER_CLI} (Debian's docker.io): run scripts/bootstrap --test")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "DOCKER_CONFIG": str(home / ".docker")}
+    argv = [DOCKER_CLI, "manifest", "inspect", "--insecure", *flags, f"{registry.host}/{IMAGE}"]
+    return json.loads(run(argv, env=env).stdout)
+
+
+def test_docker_cli_manifest_inspect(registry: Server, multi: bool, tmp_path: Path) -> None:
+    """Docker 20.10 names the OCI index but not the OCI manifest: it gets Docker's dialect."""
+    manifest = timed("docker manifest inspect", lambda: docker_manifest_inspect(registry, tmp_path))
+    if not multi:
+        assert manifest["mediaType"] == DOCKER_MANIFEST
+        assert manifest["config"]["mediaType"] == DOCKER_CONFIG
+        return
+    assert manifest["mediaType"] == DOCKER_LIST
+    entries = manifest["manifests"]
+    assert [m["mediaType"] for m in entries] == [DOCKER_MANIFEST, DOCKER_MANIFEST]
+    assert [m["platform"]["architecture"] for m in entries] == ["amd64", "arm64"]
+    # --verbose fetches every entry of the list, so each must be one it reads.
+    verbose = docker_manifest_inspect(registry, tmp_path, "--verbose")
+    assert [v["SchemaV2Manifest"]["mediaType"] for v in verbose] == [DOCKER_MANIFEST] * 2
+    assert [v["Descriptor"]["digest"] for v in verbose] == [m["digest"] for m in entries]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=accept_headers())
+def test_any_accept_header_gets_a_type_it_named(
+    registry: Server, multi: bool, header: tuple[list[str], set[str]]
+) -> None:
+    """Whatever the Accept lines, the served document and a list's entries are types named."""
+    lines, named = header
+    path = f"/v2/{IMAGE}/manifests/latest"
+    reply = call(registry.host, "GET", path, [("Accept", line) for line in lines])
+    assert reply.status == 200, reply.body
+    served = reply.require_header("Content-Type")
+    assert served in served_types(named)
+    assert reply.json()["mediaType"] == served
+    if served in (OCI_INDEX, DOCKER_LIST):
+        assert multi
+        for entry in reply.json()["manifests"]:
+            assert entry["mediaType"] in named
+            got = call(registry.host, "GET", f"/v2/{IMAGE}/manifests/{entry['digest']}")
+            assert got.require_header("Content-Type") == entry["mediaType"]

@@ -22,6 +22,7 @@ import pytest
 
 from nixery.assembly.manifest import (
     OCI_INDEX,
+    OCI_MANIFEST,
     Descriptor,
     Format,
     config_document,
@@ -42,6 +43,8 @@ from tests.s3server import S3Server
 
 HOUR = 3600.0
 DAY = 86400.0
+
+LISTS = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}  # a list is sent with its entries named
 
 
 @pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.e2e)])
@@ -187,14 +190,14 @@ def test_an_image_pinned_by_its_list_digest_lives_as_long_as_its_images(
     start_server: StartServer,
 ) -> None:
     server = start_server("--platforms", "linux/amd64,linux/arm64")
-    reply = call(server.host, "GET", "/v2/hello/manifests/latest", {"Accept": OCI_INDEX})
+    reply = call(server.host, "GET", "/v2/hello/manifests/latest", LISTS)
     assert reply.status == 200, reply.body
     digest = reply.require_header("Docker-Content-Digest")
     storage = FilesystemStorage(server.storage)
     try:
         # Two hours on, with the images in use: the list outlives the grace.
         collect(storage, keep=DAY, grace=HOUR, now=time.time() + 2 * HOUR)
-        pinned = call(server.host, "GET", f"/v2/hello/manifests/{digest}", {"Accept": OCI_INDEX})
+        pinned = call(server.host, "GET", f"/v2/hello/manifests/{digest}", LISTS)
         assert pinned.status == 200 and pinned.body == reply.body
         # Once its images expire, the list goes with them.
         report = collect(storage, keep=HOUR, grace=0, now=time.time() + 2 * DAY)
@@ -206,7 +209,7 @@ def test_an_image_pinned_by_its_list_digest_lives_as_long_as_its_images(
 @pytest.mark.e2e
 def test_images_pinned_by_digest_are_in_use(start_server: StartServer) -> None:
     server = start_server("--platforms", "linux/amd64,linux/arm64")
-    index = {"Accept": OCI_INDEX}
+    index = LISTS
     digests = {}
     for image in ("hello", "jq", "wget"):
         reply = call(server.host, "GET", f"/v2/{image}/manifests/latest", index)

@@ -4,6 +4,8 @@ configuration, reach users: against real Nix and a nixpkgs-like package set
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,33 @@ def test_the_reason_is_the_first_paragraph_of_the_last_error() -> None:
         " license (‘unfree’), refusing to evaluate."
     )
     assert _error_message("warning: something\n") == ""
+
+
+@pytest.mark.e2e
+def test_the_lookup_page_shows_a_refused_package_as_present_with_the_reason(
+    start_server: StartServer,
+) -> None:
+    server = start_server("--pkgs-path", NIXPKGS_LIKE.location)
+    unfree = call(server.host, "GET", "/packages/unfree-tool")
+    assert unfree.status == 200
+    page = html.unescape(unfree.body.decode())
+    assert "Not in the package set" not in page
+    assert "In the package set, but it refuses to evaluate" in page
+    assert UNFREE in page and "config.allowUnfree" in page
+    removed = html.unescape(call(server.host, "GET", "/packages/old-tool").body.decode())
+    assert REMOVED in removed and "cannot be allowed" in removed
+    missing = html.unescape(call(server.host, "GET", "/packages/no-such-tool").body.decode())
+    assert "Not in the package set" in missing
+
+
+@pytest.mark.e2e
+def test_a_404_suggests_what_the_lookup_page_suggests(start_server: StartServer) -> None:
+    server = start_server()
+    reply = call(server.host, "GET", "/v2/shell/gti/helo/crul/manifests/latest")
+    assert reply.status == 404, reply.body
+    detail = reply.json()["errors"][0]["detail"]
+    assert detail["unknown_packages"] == ["crul", "gti", "helo"]
+    for name in detail["unknown_packages"]:
+        page = call(server.host, "GET", f"/packages/{name}").body.decode()
+        on_page = re.findall(r'<li><a href="/packages/([^"]+)">', page)
+        assert detail["suggestions"][name] == on_page != []

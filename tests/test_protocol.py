@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from nixery.assembly.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.accept import CLIENT_ACCEPTS, CLIENT_DIALECTS
 from tests.conftest import Server, StartServer
 from tests.http import Headers, Reply, call, raw_status_line
-from tests.test_registry_api import CLIENT_ACCEPTS
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,10 @@ def server(start_module_server: StartServer) -> Iterator[Server]:
     yield start_module_server("--platforms", "linux/amd64,linux/arm64")
 
 
-ACCEPTS = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST, None)
+# A list is only sent to a client that also names the manifest type of its entries.
+OCI_LISTS = f"{OCI_INDEX}, {OCI_MANIFEST}"
+DOCKER_LISTS = f"{DOCKER_LIST}, {DOCKER_MANIFEST}"
+ACCEPTS = (OCI_LISTS, DOCKER_LISTS, OCI_MANIFEST, DOCKER_MANIFEST, None)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,8 @@ def test_base_endpoint(server: Server) -> None:
 @pytest.mark.parametrize(
     "accept, media_type",
     [
-        (OCI_INDEX, OCI_INDEX),
-        (DOCKER_LIST, DOCKER_LIST),
+        (OCI_LISTS, OCI_INDEX),
+        (DOCKER_LISTS, DOCKER_LIST),
         (OCI_MANIFEST, OCI_MANIFEST),
         (DOCKER_MANIFEST, DOCKER_MANIFEST),
         (None, OCI_MANIFEST),
@@ -102,14 +105,14 @@ def test_manifests_vary_by_accept(tagged: dict[str | None, Reply]) -> None:
 
 
 def test_if_none_match_answers_304(server: Server, tagged: dict[str | None, Reply]) -> None:
-    first = tagged[OCI_INDEX]
+    first = tagged[OCI_LISTS]
     etag = first.require_header("ETag")
     digest = first.require_header("Docker-Content-Digest")
     cases = [("latest", "GET", etag), ("latest", "HEAD", "*")]
     cases += [(digest, m, v) for m in ("GET", "HEAD") for v in (etag, f'"x", W/{etag}', "*")]
     for ref, method, value in cases:
         path = f"/v2/{IMAGE}/manifests/{ref}"
-        reply = get(server, path, {"Accept": OCI_INDEX, "If-None-Match": value}, method)
+        reply = get(server, path, {"Accept": OCI_LISTS, "If-None-Match": value}, method)
         assert reply.status == 304 and reply.body == b""
         assert reply.header("ETag") == etag
         assert reply.header("Docker-Content-Digest") == digest
@@ -121,11 +124,13 @@ def test_if_none_match_answers_304(server: Server, tagged: dict[str | None, Repl
 
 
 @pytest.mark.parametrize("client", sorted(CLIENT_ACCEPTS))
-def test_each_client_accept_shape_gets_the_oci_index(server: Server, client: str) -> None:
+def test_each_client_accept_shape_gets_a_list_it_named(server: Server, client: str) -> None:
     lines = [("Accept", line) for line in CLIENT_ACCEPTS[client]]
     reply = get(server, f"/v2/{IMAGE}/manifests/latest", lines)
     assert reply.status == 200
-    assert reply.header("Content-Type") == reply.json()["mediaType"] == OCI_INDEX
+    list_format = CLIENT_DIALECTS[client][1]
+    assert reply.header("Content-Type") == reply.json()["mediaType"] == list_format.index_type
+    assert {m["mediaType"] for m in reply.json()["manifests"]} == {list_format.manifest_type}
 
 
 def test_a_list_refused_with_q_zero_is_not_sent(server: Server) -> None:
@@ -138,8 +143,8 @@ def test_a_list_refused_with_q_zero_is_not_sent(server: Server) -> None:
 def test_index_holds_one_manifest_per_platform_in_its_own_dialect(
     server: Server, tagged: dict[str | None, Reply]
 ) -> None:
-    for index_type, manifest_type in ((OCI_INDEX, OCI_MANIFEST), (DOCKER_LIST, DOCKER_MANIFEST)):
-        index = tagged[index_type].json()
+    for lists, manifest_type in ((OCI_LISTS, OCI_MANIFEST), (DOCKER_LISTS, DOCKER_MANIFEST)):
+        index = tagged[lists].json()
         platforms = [entry["platform"] for entry in index["manifests"]]
         assert platforms == [
             {"architecture": "amd64", "os": "linux"},
@@ -179,7 +184,7 @@ def test_manifests_are_also_blobs(server: Server, tagged: dict[str | None, Reply
 def test_list_digests_survive_a_restart(
     server: Server, tagged: dict[str | None, Reply], start_server: StartServer
 ) -> None:
-    digests = {t: tagged[t].body for t in (OCI_INDEX, DOCKER_LIST)}
+    digests = {t: tagged[a].body for t, a in ((OCI_INDEX, OCI_LISTS), (DOCKER_LIST, DOCKER_LISTS))}
     again = start_server("--platforms", "linux/amd64,linux/arm64", storage=server.storage)
     for media_type, body in digests.items():
         for method in ("GET", "HEAD"):
@@ -290,7 +295,7 @@ def test_tags_list(server: Server) -> None:
 
 
 def test_referrers_are_an_empty_index(server: Server, tagged: dict[str | None, Reply]) -> None:
-    digest = tagged[OCI_INDEX].header("Docker-Content-Digest")
+    digest = tagged[OCI_LISTS].header("Docker-Content-Digest")
     for ref in (digest, ZERO, "sha512:" + "1" * 128):
         reply = get(server, f"/v2/{IMAGE}/referrers/{ref}")
         assert reply.status == 200

@@ -11,6 +11,7 @@ from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import pytest
+from hypothesis import given
 
 from nixery.assembly.manifest import (
     DOCKER_LIST,
@@ -27,25 +28,11 @@ from nixery.images.service import ImageService
 from nixery.packages.nix import Nix
 from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage
-
-SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
-SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-
-# The Accept header lines real clients send on a pull by tag; containers-image
-# is skopeo, podman and buildah.
-CLIENT_ACCEPTS = {
-    "containers-image": [
-        OCI_MANIFEST, DOCKER_MANIFEST, SCHEMA1_SIGNED, SCHEMA1, DOCKER_LIST, OCI_INDEX,
-    ],
-    "containerd": [f"{DOCKER_MANIFEST}, {DOCKER_LIST}, {OCI_MANIFEST}, {OCI_INDEX}, */*"],
-    "oras-py": [f"{OCI_MANIFEST}, {OCI_INDEX}, {DOCKER_MANIFEST}, {DOCKER_LIST}"],
-    "python-dxf": [f"{SCHEMA1}, {DOCKER_MANIFEST}, {DOCKER_LIST}, {OCI_MANIFEST}, {OCI_INDEX}"],
-    "docker-cli": [OCI_MANIFEST, DOCKER_MANIFEST, DOCKER_LIST, OCI_INDEX],
-}  # fmt: skip
+from tests.accept import CLIENT_ACCEPTS, CLIENT_DIALECTS, accept_headers, served_types
 
 
 @pytest.mark.parametrize("client", sorted(CLIENT_ACCEPTS))
-def test_every_real_client_gets_an_oci_index_whatever_the_order(client: str) -> None:
+def test_every_real_client_gets_a_dialect_it_named_whatever_the_order(client: str) -> None:
     lines = CLIENT_ACCEPTS[client]
     rng = random.Random(client)
     for _ in range(10):
@@ -53,9 +40,22 @@ def test_every_real_client_gets_an_oci_index_whatever_the_order(client: str) -> 
         shuffled = [", ".join(rng.sample(line.split(", "), line.count(",") + 1)) for line in lines]
         rng.shuffle(shuffled)
         got = negotiate(shuffled)
-        assert got.formats[0] is Format.OCI
-        assert got.index_format is Format.OCI
+        assert (got.formats[0], got.index_format) == CLIENT_DIALECTS[client]
         assert negotiate([", ".join(shuffled)]) == got
+
+
+@given(accept_headers())
+def test_the_served_type_is_one_the_client_named(header: tuple[list[str], set[str]]) -> None:
+    lines, named = header
+    got = negotiate(lines)
+    single = got.formats[0].manifest_type
+    list_and_entries = (
+        {got.index_format.index_type, got.index_format.manifest_type} if got.index_format else set()
+    )
+    assert {single} | list_and_entries <= served_types(named)
+    if got.index_format is None:
+        # No list is withheld from a client that named one with its entries.
+        assert not any({f.index_type, f.manifest_type} <= named for f in Format)
 
 
 def test_docker_only_clients_get_docker_and_a_manifest_list() -> None:

@@ -117,17 +117,16 @@ def parse_accept(values: Iterable[str]) -> set[str]:
 def negotiate(accept: Iterable[str]) -> Negotiated:
     """Choose dialects from the set of accepted types; order and non-zero q-values carry no weight.
 
-    A list is only answered in a dialect whose list type the client named, and
-    its entries are manifests of that same dialect.
+    A manifest is only answered in a dialect whose manifest type the client
+    named, and a list only in a dialect whose list *and* manifest types it
+    named, so that every entry of the list is a document the client reads.
     """
     types = parse_accept(accept)
-    formats = tuple(
-        f for f in (Format.OCI, Format.DOCKER) if f.manifest_type in types or f.index_type in types
-    )
+    formats = tuple(f for f in (Format.OCI, Format.DOCKER) if f.manifest_type in types)
     if not formats:
-        # No usable preference (no header, */*, or schema1 only): serve OCI,
-        # the format every current client reads.
-        formats = (Format.OCI,)
+        # No usable preference (no header, */*, schema1 only, or lists without
+        # their manifests): a single OCI manifest, which every current client reads.
+        return Negotiated((Format.OCI,))
     index_format = next((f for f in formats if f.index_type in types), None)
     return Negotiated(formats, index_format)
 

@@ -5,7 +5,7 @@ becomes a symlink to it; one that several packages have becomes a real
 directory whose children are joined the same way. On a file conflict the
 package that sorts first wins. Then the conventional files a container
 expects are added: `/tmp`, root's home `/root`, `/usr/bin/env`,
-`/etc/passwd`, `/etc/group` and the CA bundle.
+`/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` and the CA bundle.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from dataclasses import dataclass
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/var/empty:/bin/false\n"
 GROUP = b"root:x:0:\nnobody:x:65534:\n"
+# Without this file, glibc before 2.35 (and resolvers that copy its documented
+# default, `dns [!UNAVAIL=return] files`) asks DNS before /etc/hosts and stops
+# at its answer, so even `localhost` would depend on the network.
+NSSWITCH = b"passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
 CA_BUNDLE = "etc/ssl/certs/ca-bundle.crt"
 CA_ALIASES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt")
 
@@ -95,6 +99,7 @@ def root_entries(packages: Sequence[tuple[str, str]]) -> list[RootEntry]:
         tree.put(RootEntry("usr/bin/env", "symlink", target=os.path.join(coreutils, "bin", "env")))
     tree.put(RootEntry("etc/passwd", "file", mode=0o644, content=PASSWD))
     tree.put(RootEntry("etc/group", "file", mode=0o644, content=GROUP))
+    tree.put(RootEntry("etc/nsswitch.conf", "file", mode=0o644, content=NSSWITCH))
     cacert = outs.get("cacert")
     if cacert and os.path.exists(os.path.join(cacert, CA_BUNDLE)):
         for alias in CA_ALIASES:

@@ -142,6 +142,7 @@ def add_routes(app: Bottle, service: ImageService, storage: Storage, activity: A
             title=query,
             lookup=found,
             suggestions=_suggestions(found),
+            refusal_hint=refusal_hint(found.refused or ""),
             insecure=_plain_http(),
         )
 
@@ -198,6 +199,29 @@ def _source(service: ImageService) -> tuple[str, str]:
         return source, service.sources.resolve(LATEST).revision
     except NixeryError as exc:
         return source, f"unavailable ({exc})"
+
+
+def refusal_hint(reason: str) -> str:
+    """What the operator can change about a package that refuses to evaluate."""
+    text = reason.lower()
+    if "unfree" in text:
+        change = "allow unfree packages (`config.allowUnfree = true;`)"
+    elif "insecure" in text:
+        change = "permit it (`config.permittedInsecurePackages`)"
+    elif "broken" in text or "not supported" in text:
+        change = (
+            "allow it (`config.allowBroken = true;` or `config.allowUnsupportedSystem = true;`)"
+        )
+    else:
+        return (
+            "A removed package or alias cannot be allowed: the message names what "
+            "replaces it, or the operator can add it back in an overlay."
+        )
+    return (
+        f"The operator can {change} in the package set itself, e.g. a file "
+        "`{ system, overlays, ... }: import ./nixpkgs { inherit system overlays; config = ...; }`; "
+        "the server does not read ~/.config/nixpkgs, NIXPKGS_CONFIG or NIXPKGS_ALLOW_*."
+    )
 
 
 def _suggestions(found: Lookup) -> list[tuple[str, str | None]]:

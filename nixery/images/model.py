@@ -21,7 +21,7 @@ from nixery.assembly.manifest import OCI_LAYER_ZSTD, Descriptor, Format
 from nixery.packages.platforms import Platform, host_cores, host_platform
 
 # Bump when the bytes of layers or manifests change for the same input.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 DEFAULT_MAX_QUEUE = 16
 # Requests that may wait for builds at once: each holds a server thread.
 DEFAULT_MAX_WAITING = 48

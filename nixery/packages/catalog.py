@@ -21,6 +21,8 @@ from nixery.packages.nix import Nix, NixSource, PackageInfo
 CACHE_SECONDS = 300.0
 MAX_SUGGESTIONS = 3
 SIMILARITY_CUTOFF = 0.6
+# Suggestions ride on a 404: listing the names must not hold the answer up long.
+LIST_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,16 @@ class Lookup:
     query: str
     info: PackageInfo | None  # None: the name does not resolve
     suggestions: tuple[str, ...]  # attribute names, closest first
+    refused: str | None = None  # Nix's reason, for a name that exists but does not evaluate
 
     @property
     def found(self) -> bool:
         return self.info is not None
+
+    @property
+    def present(self) -> bool:
+        """In the package set, whether or not it evaluates."""
+        return self.info is not None or self.refused is not None
 
     @property
     def image_name(self) -> str | None:
@@ -59,9 +67,16 @@ class _Names:
 
 
 class Catalog:
-    def __init__(self, nix: Nix, overlays: Sequence[str] = (), ttl: float = CACHE_SECONDS) -> None:
+    def __init__(
+        self,
+        nix: Nix,
+        overlays: Sequence[str] = (),
+        ttl: float = CACHE_SECONDS,
+        list_timeout: float = LIST_TIMEOUT,
+    ) -> None:
         self.nix = nix
         self.overlays = tuple(overlays)
+        self.list_timeout = list_timeout
         self._lock = threading.Lock()
         self._lookups: TTLCache[tuple[str, str, str], Lookup] = TTLCache(4096, ttl)
         self._names: TTLCache[tuple[str, str], _Names] = TTLCache(16, ttl)
@@ -75,23 +90,30 @@ class Catalog:
         if cached is not None:
             return cached
         names = self._cached_names(revision, system)
-        found, attributes = self.nix.describe(
+        found, refused, attributes = self.nix.describe(
             source, system, [attribute_name(query)], self.overlays, names is None
         )
         if attributes is not None:
             names = self._remember_names(revision, system, attributes)
         assert names is not None
         info = found[0] if found else None
-        result = Lookup(query, info, () if info else tuple(names.close_to(query)))
+        if refused:
+            reason = self.nix.refusal(source, system, refused[0], self.overlays)
+            result = Lookup(query, None, (), refused=reason)
+        else:
+            result = Lookup(query, info, () if info else tuple(names.close_to(query)))
         with self._lock:
             self._lookups[key] = result
         return result
 
     def suggest(self, source: NixSource, revision: str, system: str, query: str) -> list[str]:
-        """Attribute names close to `query`, closest first."""
+        """Attribute names close to `query`, closest first: from the set's
+        names alone (nothing is built), within LIST_TIMEOUT."""
         names = self._cached_names(revision, system)
         if names is None:
-            _, attributes = self.nix.describe(source, system, [], self.overlays, True)
+            attributes = self.nix.describe(
+                source, system, [], self.overlays, True, timeout=self.list_timeout
+            ).attributes
             names = self._remember_names(revision, system, attributes or [])
         return names.close_to(attribute_name(query))
 

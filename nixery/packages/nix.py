@@ -18,9 +18,9 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from nixery.errors import (
     BuildFailed,
@@ -102,6 +102,14 @@ class PackageInfo:
     attr_path: str
     version: str | None
     description: str | None
+
+
+class Description(NamedTuple):
+    """What `Nix.describe` found out about some names."""
+
+    found: list[PackageInfo]  # the names that resolve
+    refused: list[str]  # names that exist but refuse to evaluate
+    attributes: list[str] | None  # the set's top-level names, if asked
 
 
 @dataclass(frozen=True)
@@ -235,9 +243,11 @@ class Nix:
         names: Sequence[str],
         overlays: Sequence[str] = (),
         list_attributes: bool = False,
-    ) -> tuple[list[PackageInfo], list[str] | None]:
-        """Version and description of the names that resolve (misses are left
-        out) and, if asked, the package set's top-level attribute names."""
+        timeout: float | None = None,
+    ) -> Description:
+        """Version and description of the names that resolve, the names that
+        exist but refuse to evaluate and, if asked, the package set's
+        top-level attribute names. Nothing is built."""
         args: dict[str, Any] = {
             "system": system,
             "packages": list(names),
@@ -245,13 +255,24 @@ class Nix:
             "describe": True,
             "listAttributes": list_attributes,
         }
-        result = self._evaluate(source, args)
+        # A caller's own bound (suggestions for a 404) replaces the general one.
+        nix = replace(self, timeout=timeout) if timeout else self
+        result = nix._evaluate(source, args)
         found = [
             PackageInfo(p["name"], p["attrPath"], p.get("version"), p.get("description"))
             for p in result["packages"]
         ]
         attributes = result.get("attributes")
-        return found, (list(attributes) if attributes is not None else None)
+        return Description(
+            found, list(result["refused"]), list(attributes) if attributes is not None else None
+        )
+
+    def refusal(
+        self, source: NixSource, system: str, name: str, overlays: Sequence[str] = ()
+    ) -> str:
+        """Nix's reason why `name` refuses to evaluate."""
+        args = {"system": system, "packages": [name], "overlays": list(overlays)}
+        return self._refusal(source, args)
 
     def version(self) -> str:
         """The Nix version, e.g. `nix-store (Nix) 2.8.0`; proves Nix can run."""

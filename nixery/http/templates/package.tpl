@@ -12,6 +12,11 @@
   % else:
 <p class="note">This attribute cannot be written as an image name.</p>
   % end
+% elif lookup.refused:
+<h1><code>{{lookup.query}}</code></h1>
+<p class="refused">In the package set, but it refuses to evaluate, so it cannot be pulled. Nix says:</p>
+<pre class="reason">{{lookup.refused}}</pre>
+<p class="note">{{refusal_hint}}</p>
 % else:
 <h1><code>{{lookup.query}}</code></h1>
 <p class="missing">Not in the package set.</p>
