@@ -97,6 +97,16 @@ def request_size(data: bytes | bytearray) -> int | None:
     return total if len(data) >= total else None
 
 
+# Probes and scrapes: quick, and the kubelet's share may be busy with pulls.
+UNSHARED_PATHS = frozenset({b"/healthz", b"/livez", b"/metrics"})
+
+
+def request_path(data: bytes) -> bytes:
+    """The path of the request line at the start of `data` (no query)."""
+    parts = data.split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
+
+
 def is_tls_hello(data: bytes | bytearray) -> bool:
     """A TLS handshake record (a client speaking HTTPS to a plain HTTP port)."""
     return data[:2] == b"\x16\x03"
@@ -164,7 +174,11 @@ class FairDispatch(Generic[T]):
         self._waiting: dict[str, deque[T]] = {}
         self._waiting_count = 0
 
-    def put(self, key: str, item: T) -> None:
+    def put(self, key: str | None, item: T) -> None:
+        """Submit `item` now or when `key` has room; a None key is never held."""
+        if key is None:
+            self._submit(item)
+            return
         with self._lock:
             active = self._active.get(key, 0)
             if self.share and active >= self.share:
@@ -174,8 +188,10 @@ class FairDispatch(Generic[T]):
             self._active[key] = active + 1
         self._submit(item)
 
-    def done(self, key: str) -> None:
+    def done(self, key: str | None) -> None:
         """One item of `key` ended: the next waiting one of `key` takes its place."""
+        if key is None:
+            return
         with self._lock:
             queue = self._waiting.get(key)
             if not queue:

@@ -32,6 +32,7 @@ kernel copies it from the page cache, with no per-chunk Python work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -39,6 +40,7 @@ import selectors
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -58,6 +60,7 @@ from nixery.errors import ConfigError
 from nixery.http.admission import (
     MAX_BODY_SIZE,
     MAX_HEADER_SIZE,
+    UNSHARED_PATHS,
     AddressCounts,
     ConnectionLimits,
     FairDispatch,
@@ -65,6 +68,7 @@ from nixery.http.admission import (
     in_networks,
     is_tls_hello,
     leading_blank_lines,
+    request_path,
     request_size,
 )
 
@@ -86,7 +90,6 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 HEAD_TIMEOUT = "head_timeout"
 IDLE_TIMEOUT = "idle_timeout"
 SEND_TIMEOUT = "send_timeout"
-CLOSE_REASONS = (TOO_MANY_CONNECTIONS, HEAD_TIMEOUT, IDLE_TIMEOUT, SEND_TIMEOUT)
 
 _REFUSAL_BODY = (
     b'{"errors":[{"code":"TOOMANYREQUESTS","message":"too many connections from this address",'
@@ -245,16 +248,21 @@ class _Connection(cheroot_server.HTTPConnection):
         self.deadline = time.monotonic() + server.limits.head_timeout
         self.received = bytearray()
         self.client = ""  # the address this request is accounted to
+        self.share: str | None = None  # whose share of the workers it takes
         self.counted = False
 
     def _stalled(self) -> None:
         self.server.events.connection_closed(SEND_TIMEOUT)
+        # Reset, not close: what the client left unread would otherwise stay
+        # in the kernel (megabytes of a blob) until TCP gives up on it.
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def communicate(self) -> bool:
         try:
             return bool(super().communicate())
         finally:
-            self.server.dispatch.done(self.client)
+            self.server.dispatch.done(self.share)
 
     def close(self) -> None:
         if self.counted:
@@ -398,7 +406,8 @@ class Server(wsgi.Server):
         peer = conn.remote_addr or ""
         trusted = self._trusted(peer)
         conn.client = forwarded_client(data, peer, self.limits.trusted_proxies) if trusted else peer
-        self.dispatch.put(conn.client, conn)
+        conn.share = None if request_path(data) in UNSHARED_PATHS else conn.client
+        self.dispatch.put(conn.share, conn)
 
     def stop(self) -> None:
         super().stop()
