@@ -234,6 +234,8 @@ def test_request_framing() -> None:
     assert request_size(post + b"1234567890") == len(post) + 10
     huge = f"POST /x HTTP/1.1\r\nContent-Length: {MAX_BODY_SIZE + 1}\r\n\r\n".encode()
     assert request_size(huge) == len(huge)  # refused at once, body unread
+    expect = b"POST /token HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+    assert request_size(expect) == len(expect)  # the client waits for 100 Continue
     assert request_size(b"\x16\x03\x01\x02\x00\x01\n") is not None  # not HTTP: 400 at once
     assert request_size(b"GET / HTTP/1.1\n") is not None  # bare LF: 400 at once
     assert request_size(b"GET /" + b"a" * 70_000) is not None  # too long: 414 at once

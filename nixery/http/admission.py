@@ -21,10 +21,14 @@ T = TypeVar("T")
 
 MAX_HEADER_SIZE = 64 * 1024
 MAX_BODY_SIZE = 1024 * 1024  # pull-only: no request needs a body
+# Bodies read before a worker is assigned (a login form); larger ones are
+# read by the worker, so that waiting connections hold little memory.
+INTAKE_BODY_SIZE = 16 * 1024
 
 _CONTENT_LENGTH = re.compile(rb"\r?\nContent-Length[ \t]*:[ \t]*(\d{1,12})[ \t]*\r?\n", re.I)
 _CHUNKED = re.compile(rb"\r?\nTransfer-Encoding[ \t]*:", re.I)
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/\d\.\d\r\n")
+_EXPECT = re.compile(rb"\r?\nExpect[ \t]*:", re.I)
 _FORWARDED_FOR = re.compile(rb"\r?\nX-Forwarded-For[ \t]*:([^\r\n]*)", re.I)
 
 
@@ -87,12 +91,12 @@ def request_size(data: bytes | bytearray) -> int | None:
     if end == -1:
         return len(data) if len(data) > MAX_HEADER_SIZE else None
     head = bytes(data[: end + sep])
-    if _CHUNKED.search(head):
-        return len(head)
+    if _CHUNKED.search(head) or _EXPECT.search(head):
+        return len(head)  # the worker reads the body (after its 100 Continue)
     match = _CONTENT_LENGTH.search(head)
     body = int(match.group(1)) if match else 0
-    if body > MAX_BODY_SIZE:
-        return len(head)  # refused with 413 before any of the body is read
+    if body > INTAKE_BODY_SIZE:
+        return len(head)  # the worker refuses it (413) or reads it itself
     total = len(head) + body
     return total if len(data) >= total else None
 
