@@ -529,13 +529,15 @@ def _paced_sendfile(sock: socket.socket, fh: BinaryIO, count: int, pace: _Pace) 
     poller.register(out, select.POLLOUT)
     sent = 0
     while sent < count:
+        # Wait for room first, as socket.sendfile does: the kernel reports it
+        # once a good part of the buffer is free, so each call sends much.
+        if not poller.poll(pace.remaining() * 1000):
+            pace.stalled()
         want = min(count - sent, 1 << 30)
         try:
             # The socket is non-blocking (it has a timeout): this never waits.
             n = os.sendfile(out, fh.fileno(), offset + sent, want)
         except BlockingIOError:
-            if not poller.poll(pace.remaining() * 1000):
-                pace.stalled()
             continue
         if n == 0:
             break
