@@ -171,8 +171,9 @@ class Prober:
     """`GET /v2/` on a new connection from PROBE_ADDRESS every `interval`
     seconds, in a thread; records how long each answer took (None: none)."""
 
-    def __init__(self, host: str, interval: float = 0.25, path: str = "/v2/"):
-        self.host, self.interval, self.path = host, interval, path
+    def __init__(self, host: str, interval: float = 0.25, path: str = "/v2/",
+                 tls: ssl.SSLContext | None = None):  # fmt: skip
+        self.host, self.interval, self.path, self.tls = host, interval, path, tls
         self.latencies: list[float | None] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -189,7 +190,9 @@ class Prober:
         while not self._stop.wait(self.interval):
             started = time.monotonic()
             try:
-                with connect_from(PROBE_ADDRESS, self.host, timeout=30) as sock:
+                with connect_from(PROBE_ADDRESS, self.host, timeout=30) as plain:
+                    tls = self.tls
+                    sock = tls.wrap_socket(plain, server_hostname="127.0.0.1") if tls else plain
                     sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: x\r\n"
                                  "Connection: close\r\n\r\n".encode())  # fmt: skip
                     ok = sock.recv(64).startswith(b"HTTP/1.1 200 ")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import resource
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -26,9 +27,17 @@ from nixery.http.admission import (
     request_size,
 )
 from nixery.http.server import SEND_STEP
-from tests.attack import ATTACK_ADDRESS, PROBE_ADDRESS, Prober, SlowClients, connect_from
-from tests.conftest import Server, StartServer
+from tests.attack import (
+    ATTACK_ADDRESS,
+    PROBE_ADDRESS,
+    Prober,
+    SlowClients,
+    connect_from,
+    self_signed_certificate,
+)
+from tests.conftest import Server, StartServer, launch_server
 from tests.http import call
+from tests.test_hosting import client_hello
 
 OVERLAY = Path(__file__).parent / "fixtures" / "robustness" / "overlay.nix"
 HEAD_TIMEOUT = 2.0
@@ -168,6 +177,42 @@ def test_two_thousand_idle_keep_alive_connections(attacked: Server) -> None:
     finally:
         for sock in idle:
             sock.close()
+
+
+@pytest.mark.e2e
+def test_stalled_tls_handshakes_hold_no_worker(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With TLS the handshake is part of the request's deadline: 150
+    connections that send half a ClientHello are closed at it, and clients
+    that complete theirs are served meanwhile."""
+    base = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed_certificate(base)
+    server = launch_server(base, "--tls-cert", str(cert), "--tls-key", str(key),
+                           "--head-timeout", str(HEAD_TIMEOUT))  # fmt: skip
+    try:
+        tls = ssl.create_default_context(cafile=str(cert))
+        half_hello = client_hello("127.0.0.1")[:40]
+        with SlowClients(server.host, 150, half_hello, reconnects=0) as attack:
+            with Prober(server.host, tls=tls) as prober:
+                _wait(HEAD_TIMEOUT + SLACK + 1)
+        assert_probes_answered(prober)
+        lives = [life.closed - life.opened for life in attack.lifetimes if life.closed]
+        assert len(lives) == 150, f"{attack.still_open()} still open"
+        assert max(lives) < HEAD_TIMEOUT + SLACK
+    finally:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_idle_connections_are_closed_after_the_idle_timeout(start_server: StartServer) -> None:
+    server = start_server("--idle-timeout", "2")
+    with connect_from(PROBE_ADDRESS, server.host) as sock:
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        opened = time.monotonic()
+        sock.settimeout(30)
+        assert sock.recv(1) == b""  # closed by the server
+        assert time.monotonic() - opened < 2 + SLACK
+    assert closed_counts(server)["idle_timeout"] >= 1
 
 
 @pytest.mark.e2e
