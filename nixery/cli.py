@@ -273,6 +273,54 @@ def _security_options(command: Any) -> Any:
             envvar="NIXERY_RATE_BURST",
             help="Requests a client may send at once before the rate limit applies.",
         ),
+        click.option(
+            "--head-timeout",
+            type=click.FloatRange(min=0.5),
+            default=5,
+            show_default=True,
+            envvar="NIXERY_HEAD_TIMEOUT",
+            help="Seconds a client has to send a whole request, from connecting "
+            "(or from its first byte on a kept-alive connection).",
+        ),
+        click.option(
+            "--idle-timeout",
+            type=click.FloatRange(min=1),
+            default=60,
+            show_default=True,
+            envvar="NIXERY_IDLE_TIMEOUT",
+            help="Seconds a kept-alive connection may wait for its next request.",
+        ),
+        click.option(
+            "--send-timeout",
+            type=click.FloatRange(min=0.5),
+            default=10,
+            show_default=True,
+            envvar="NIXERY_SEND_TIMEOUT",
+            help="Seconds a client may take to accept each 64 KiB of a response.",
+        ),
+        click.option(
+            "--max-connections-per-address",
+            type=click.IntRange(min=0),
+            default=512,
+            show_default=True,
+            envvar="NIXERY_MAX_CONNECTIONS_PER_ADDRESS",
+            help="Open connections per client address; beyond: 429 and close. 0: no limit.",
+        ),
+        click.option(
+            "--max-active-per-address",
+            type=click.IntRange(min=0),
+            default=16,
+            show_default=True,
+            envvar="NIXERY_MAX_ACTIVE_PER_ADDRESS",
+            help="Requests per client address handled at once; further ones wait "
+            "without holding a thread. 0: no limit.",
+        ),
+        click.option(
+            "--trusted-proxies",
+            envvar="NIXERY_TRUSTED_PROXIES",
+            help="Comma-separated addresses or networks of proxies: their connections are "
+            "not limited per address, and X-Forwarded-For names the client.",
+        ),
     ]
     return _apply(command, options)
 
@@ -380,14 +428,18 @@ def serve(**options: Any) -> None:
     from nixery.config import Settings
     from nixery.http.server import RESERVED_THREADS
     from nixery.http.server import serve as run_server
+    from nixery.ops.metrics import Metrics
     from nixery.runtime import build_app
 
     _setup_logging(options["log_level"], options["log_format"])
     try:
         settings = Settings.from_options(options)
-        app = build_app(settings)
+        metrics = Metrics()
+        app = build_app(settings, metrics)
         threads = settings.max_waiting + RESERVED_THREADS
-        run_server(app, settings.host, settings.port, threads, tls=settings.security.tls)
+        security = settings.security
+        run_server(app, settings.host, settings.port, threads, tls=security.tls,
+                   limits=security.connections, events=metrics)  # fmt: skip
     except NixeryError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nixery.errors import ConfigError
+from nixery.http.admission import ConnectionLimits, parse_networks
 from nixery.packages.platforms import Platform, host_cores, host_platform, parse_platform
 from nixery.packages.sources import SourceConfig, source_config
 from nixery.storage.base import validate_key
@@ -46,6 +47,7 @@ class SecuritySettings:
     tls: tuple[str, str] | None = None  # certificate and key files
     rate_limit: float = 0  # requests per second per client; 0: no limit
     rate_burst: int = 200
+    connections: ConnectionLimits = ConnectionLimits()
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> SecuritySettings:
@@ -72,7 +74,26 @@ class SecuritySettings:
             tls=(os.path.abspath(cert), os.path.abspath(key)) if cert and key else None,
             rate_limit=float(options.get("rate_limit") or 0),
             rate_burst=int(options.get("rate_burst") or 200),
+            connections=connection_limits(options),
         )
+
+
+def connection_limits(options: Mapping[str, Any]) -> ConnectionLimits:
+    """What one client may hold of the server; defaults for options not given."""
+    default = ConnectionLimits()
+
+    def get(name: str, fallback: float) -> Any:
+        value = options.get(name)
+        return fallback if value is None else value
+
+    return ConnectionLimits(
+        head_timeout=float(get("head_timeout", default.head_timeout)),
+        idle_timeout=float(get("idle_timeout", default.idle_timeout)),
+        send_timeout=float(get("send_timeout", default.send_timeout)),
+        per_address=int(get("max_connections_per_address", default.per_address)),
+        active_per_address=int(get("max_active_per_address", default.active_per_address)),
+        trusted_proxies=parse_networks(options.get("trusted_proxies")),
+    )
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

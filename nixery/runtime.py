@@ -100,10 +100,11 @@ def make_plugins(settings: Settings) -> list[Any]:
     return plugins
 
 
-def build_app(settings: Settings) -> Bottle:
+def build_app(settings: Settings, metrics: Metrics | None = None) -> Bottle:
+    """`metrics`: given when the server reports into them too."""
     storage = make_storage(settings)
     activity = Activity(storage)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     service = make_service(settings, Fanout(activity, metrics), storage)
     metrics.track(service.builds_in_progress, service.builds_queued)
     health = Health({"storage": storage_writable(storage), "nix": service.nix.version})

@@ -69,7 +69,8 @@ class RateLimit:
             return callback
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            # REMOTE_ADDR, not X-Forwarded-For: clients can forge that header.
+            # REMOTE_ADDR, not X-Forwarded-For: clients can forge that header
+            # (the server has put a trusted proxy's client in REMOTE_ADDR).
             wait = self.buckets.take(request.environ.get("REMOTE_ADDR", ""))
             if wait > 0:
                 raise RegistryError(

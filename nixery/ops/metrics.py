@@ -19,6 +19,8 @@ from nixery.images.activity import (
 )
 
 CACHES = ("image", "layer")
+# Why the HTTP server closes a connection itself (nixery.http.server).
+CLOSE_REASONS = ("too_many_connections", "head_timeout", "send_timeout", "idle_timeout")
 BUILD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 # The HTTP methods (RFC 9110, and PATCH) a label may name; clients may send any
 # token as a method, and each new label value would be a new series.
@@ -53,6 +55,21 @@ class Metrics(BuildEvents):
             "nixery_http_request_duration_seconds", "HTTP request latency by route.", ["route"],
             registry=r,
         )  # fmt: skip
+        self.connections_closed = Counter(
+            "nixery_http_connections_closed",
+            "Connections the server closed, by reason: too_many_connections (from one address;"
+            " answered 429), head_timeout (no whole request in time), send_timeout (the client"
+            " did not read), idle_timeout (a kept-alive connection went unused).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.connections_open = Gauge(
+            "nixery_http_connections_open", "Client connections open now.", registry=r
+        )
+        self.requests_held = Gauge(
+            "nixery_http_requests_waiting_for_share",
+            "Requests waiting because their client address has its share of threads.",
+            registry=r,
+        )
         self.in_progress = Gauge("nixery_builds_in_progress", "Builds running now.", registry=r)
         self.queued = Gauge(
             "nixery_builds_queued", "Requests waiting for a build that is running.", registry=r
@@ -67,11 +84,21 @@ class Metrics(BuildEvents):
                 self.cache.labels(cache, outcome)
         for kind in ("blob", "manifest"):
             self.served.labels(kind)
+        for reason in CLOSE_REASONS:
+            self.connections_closed.labels(reason)
 
     def track(self, in_progress: Callable[[], int], queued: Callable[[], int]) -> None:
         """Read the build gauges from the service when scraped."""
         self.in_progress.set_function(in_progress)
         self.queued.set_function(queued)
+
+    def track_connections(self, open_: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read the connection gauges from the server when scraped."""
+        self.connections_open.set_function(open_)
+        self.requests_held.set_function(waiting)
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
 
     def build_ended(self, build: Build, record: BuildRecord) -> None:
         self.builds.labels(record.result).inc()
