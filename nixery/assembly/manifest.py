@@ -141,10 +141,14 @@ def image_config(
     diff_ids: Sequence[str],
     histories: Sequence[str],
     cmd: Sequence[str] | None,
+    user: str | None = None,
 ) -> dict[str, Any]:
+    """The image config; `user` ("uid:gid") is who the image runs as, root if None."""
     config: dict[str, Any] = {"Env": [f"PATH={DEFAULT_PATH}", f"SSL_CERT_FILE={CA_FILE}"]}
     if cmd:
         config["Cmd"] = list(cmd)
+    if user:
+        config["User"] = user
     out: dict[str, Any] = {
         "created": CREATED,
         "architecture": platform.architecture,

@@ -6,6 +6,11 @@ directory whose children are joined the same way. On a file conflict the
 package that sorts first wins. Then the conventional files a container
 expects are added: `/tmp`, root's home `/root`, `/usr/bin/env`,
 `/etc/passwd`, `/etc/group` and the CA bundle.
+
+An image that runs as an unprivileged user (`nonroot`) also gets that
+user's entries in `/etc/passwd` and `/etc/group` and a home directory it
+owns. Its ids are fixed numbers, the same on every host, and only that home
+is owned by them: everything else stays 0:0.
 """
 
 from __future__ import annotations
@@ -21,12 +26,42 @@ CA_ALIASES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt"
 
 
 @dataclass(frozen=True)
+class ImageUser:
+    """An unprivileged user an image runs as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str  # absolute
+
+    @property
+    def config_user(self) -> str:
+        """The image config's `User`: numeric, so that a runtime checking
+        "not root" (Kubernetes' runAsNonRoot) needs no /etc/passwd lookup."""
+        return f"{self.uid}:{self.gid}"
+
+    def passwd_line(self) -> bytes:
+        return f"{self.name}:x:{self.uid}:{self.gid}:{self.name}:{self.home}:/bin/sh\n".encode()
+
+    def group_line(self) -> bytes:
+        return f"{self.name}:x:{self.gid}:\n".encode()
+
+
+# The id distroless images use for the same purpose: above the ranges hosts
+# give their own users (1000 and up), below nobody (65534), and within the
+# 65536 ids a default user namespace maps.
+NONROOT_USER = ImageUser("nonroot", 65532, 65532, "/home/nonroot")
+
+
+@dataclass(frozen=True)
 class RootEntry:
     path: str  # relative to `/`, no leading slash
     kind: str  # "dir", "symlink" or "file"
     mode: int = 0o755
     target: str = ""
     content: bytes = b""
+    uid: int = 0
+    gid: int = 0
 
 
 class _Tree:
@@ -80,8 +115,11 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def root_entries(packages: Sequence[tuple[str, str]]) -> list[RootEntry]:
-    """`packages` are (attribute name, store path) pairs, in any order."""
+def root_entries(
+    packages: Sequence[tuple[str, str]], user: ImageUser | None = None
+) -> list[RootEntry]:
+    """`packages` are (attribute name, store path) pairs, in any order; with
+    `user`, the image is set up to run as that user."""
     tree = _Tree()
     ordered = sorted(packages)
     tree.join("", [out for _, out in ordered])
@@ -93,8 +131,14 @@ def root_entries(packages: Sequence[tuple[str, str]]) -> list[RootEntry]:
     coreutils = outs.get("coreutils")
     if coreutils and os.path.exists(os.path.join(coreutils, "bin", "env")):
         tree.put(RootEntry("usr/bin/env", "symlink", target=os.path.join(coreutils, "bin", "env")))
-    tree.put(RootEntry("etc/passwd", "file", mode=0o644, content=PASSWD))
-    tree.put(RootEntry("etc/group", "file", mode=0o644, content=GROUP))
+    passwd, group = PASSWD, GROUP
+    if user is not None:
+        passwd += user.passwd_line()
+        group += user.group_line()
+        home = user.home.lstrip("/")
+        tree.put(RootEntry(home, "dir", mode=0o755, uid=user.uid, gid=user.gid))
+    tree.put(RootEntry("etc/passwd", "file", mode=0o644, content=passwd))
+    tree.put(RootEntry("etc/group", "file", mode=0o644, content=group))
     cacert = outs.get("cacert")
     if cacert and os.path.exists(os.path.join(cacert, CA_BUNDLE)):
         for alias in CA_ALIASES:
