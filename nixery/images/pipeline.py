@@ -28,6 +28,7 @@ from nixery.assembly.manifest import (
     config_document,
     image_config,
     manifest_document,
+    nix_layer_annotations,
 )
 from nixery.assembly.rootfs import NONROOT_USER, ImageUser
 from nixery.errors import (
@@ -239,11 +240,20 @@ class BuildPipeline:
         for fmt in Format:
             config_doc = config_document(config, fmt)
             self.storage.put_blob(config_doc.data)
-            descriptors = [layer.descriptor(fmt) for layer in layers]
+            descriptors = [self._descriptor(layer, fmt) for layer in layers]
             manifest = manifest_document(fmt, config_doc.descriptor(), descriptors)
             self.storage.put_blob(manifest.data)
             manifests[fmt.name] = manifest.descriptor()
         return BuiltImage(manifests, tuple(layers), tuple(sorted(names)))
+
+    def _descriptor(self, layer: Layer, fmt: Format) -> Descriptor:
+        """A layer in a manifest; with `nix_snapshotter`, an OCI manifest's
+        store layers also name their store paths. The root layer holds no
+        store path, and Docker's manifests define no annotations."""
+        descriptor = layer.descriptor(fmt)
+        if self.settings.nix_snapshotter and fmt is Format.OCI and layer.paths:
+            return replace(descriptor, annotations=nix_layer_annotations(layer.paths))
+        return descriptor
 
     def _failed(self, build: Build, exc: Exception) -> None:
         fields = {"image": build.image, "tag": build.tag, "build": build.id}
