@@ -131,16 +131,21 @@ def root_entries(
     coreutils = outs.get("coreutils")
     if coreutils and os.path.exists(os.path.join(coreutils, "bin", "env")):
         tree.put(RootEntry("usr/bin/env", "symlink", target=os.path.join(coreutils, "bin", "env")))
-    passwd, group = PASSWD, GROUP
-    if user is not None:
-        passwd += user.passwd_line()
-        group += user.group_line()
-        home = user.home.lstrip("/")
-        tree.put(RootEntry(home, "dir", mode=0o755, uid=user.uid, gid=user.gid))
-    tree.put(RootEntry("etc/passwd", "file", mode=0o644, content=passwd))
-    tree.put(RootEntry("etc/group", "file", mode=0o644, content=group))
+    tree.put(RootEntry("etc/passwd", "file", mode=0o644, content=PASSWD))
+    tree.put(RootEntry("etc/group", "file", mode=0o644, content=GROUP))
     cacert = outs.get("cacert")
     if cacert and os.path.exists(os.path.join(cacert, CA_BUNDLE)):
         for alias in CA_ALIASES:
             tree.put(RootEntry(alias, "symlink", target=os.path.join(cacert, CA_BUNDLE)))
+    if user is not None:
+        _add_user(tree, user)
     return list(tree.entries.values())
+
+
+def _add_user(tree: _Tree, user: ImageUser) -> None:
+    """The user's passwd and group lines after the others, and its home."""
+    for path, line in (("etc/passwd", user.passwd_line()), ("etc/group", user.group_line())):
+        entry = tree.entries[path]
+        tree.put(RootEntry(path, "file", mode=entry.mode, content=entry.content + line))
+    home = user.home.lstrip("/")
+    tree.put(RootEntry(home, "dir", mode=0o755, uid=user.uid, gid=user.gid))
