@@ -383,6 +383,13 @@ def main() -> None:
     envvar="NIXERY_ZSTD_LEVEL",
 )
 @click.option(
+    "--nix-snapshotter",
+    is_flag=True,
+    default=False,
+    envvar="NIXERY_NIX_SNAPSHOTTER",
+    help="Annotate the store layers of OCI manifests for nix-snapshotter.",
+)
+@click.option(
     "--max-builds",
     type=click.IntRange(min=1),
     default=None,

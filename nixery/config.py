@@ -136,6 +136,7 @@ class Settings:
     max_builds: int = field(default_factory=host_cores)
     max_queue: int = 16
     max_waiting: int = 48
+    nix_snapshotter: bool = False
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -169,6 +170,7 @@ class Settings:
             max_builds=int(options.get("max_builds") or host_cores()),
             max_queue=int(options.get("max_queue", 16)),
             max_waiting=int(options.get("max_waiting", 48)),
+            nix_snapshotter=bool(options.get("nix_snapshotter")),
         )
 
 

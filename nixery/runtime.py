@@ -74,6 +74,7 @@ def make_service(
         max_builds=settings.max_builds,
         max_queue=settings.max_queue,
         max_waiting=settings.max_waiting,
+        nix_snapshotter=settings.nix_snapshotter,
     )
     nix = make_nix(settings)
     return ImageService(

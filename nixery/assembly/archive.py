@@ -10,7 +10,8 @@ the compressors and hashes release the GIL. Memory is bounded by a few
 chunks per encoder, whatever the layer's size.
 
 Compressors always see the same chunk sequence, so the bytes do not depend
-on threading. Entries are sorted depth-first by name, owned by 0:0 with
+on threading. Entries are sorted depth-first by name, owned by 0:0 (only
+a `nonroot` image's home is owned by its fixed user) with
 empty user and group names, stamped with mtime 1, and carry no xattrs, so
 the same input gives the same bytes on any host. Hard links are written as
 regular files (the store only hard-links identical files to save space, and
@@ -250,8 +251,8 @@ class _TarStream:
     def __init__(self, tap: _Tap):
         self._tap = tap
 
-    def directory(self, name: bytes, mode: int) -> None:
-        self._tap.write(tar.header(name, tar.DIRECTORY, mode, MTIME))
+    def directory(self, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
+        self._tap.write(tar.header(name, tar.DIRECTORY, mode, MTIME, uid=uid, gid=gid))
 
     def symlink(self, name: bytes, target: bytes) -> None:
         self._tap.write(tar.header(name, tar.SYMLINK, 0o777, MTIME, link=target))
@@ -312,7 +313,7 @@ def write_root_layer(
         for entry in sorted(entries, key=lambda e: e.path.split("/")):
             name = os.fsencode(entry.path)
             if entry.kind == "dir":
-                out.directory(name, entry.mode)
+                out.directory(name, entry.mode, entry.uid, entry.gid)
             elif entry.kind == "symlink":
                 out.symlink(name, os.fsencode(entry.target))
             else:

@@ -62,9 +62,27 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
+    annotations: tuple[tuple[str, str], ...] = ()  # in this order; none: no field
 
     def to_json(self, **extra: Any) -> dict[str, Any]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size, **extra}
+        out = {"mediaType": self.media_type, "digest": self.digest, "size": self.size, **extra}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+# What nix-snapshotter (a containerd snapshotter that mounts store paths from
+# the node's Nix store) reads on a layer: that it is a Nix layer, and the
+# store paths it needs, one numbered key each. containerd hands a snapshotter
+# only the annotations under `containerd.io/snapshot/`.
+NIX_LAYER_ANNOTATION = "containerd.io/snapshot/nix-layer"
+NIX_STORE_PATH_ANNOTATION = "containerd.io/snapshot/nix-store-path."
+
+
+def nix_layer_annotations(store_paths: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The annotations that mark a layer holding `store_paths` for nix-snapshotter."""
+    numbered = [(f"{NIX_STORE_PATH_ANNOTATION}{i}", p) for i, p in enumerate(store_paths)]
+    return ((NIX_LAYER_ANNOTATION, "true"), *numbered)
 
 
 @dataclass(frozen=True)
@@ -140,10 +158,14 @@ def image_config(
     diff_ids: Sequence[str],
     histories: Sequence[str],
     cmd: Sequence[str] | None,
+    user: str | None = None,
 ) -> dict[str, Any]:
+    """The image config; `user` ("uid:gid") is who the image runs as, root if None."""
     config: dict[str, Any] = {"Env": [f"PATH={DEFAULT_PATH}", f"SSL_CERT_FILE={CA_FILE}"]}
     if cmd:
         config["Cmd"] = list(cmd)
+    if user:
+        config["User"] = user
     out: dict[str, Any] = {
         "created": CREATED,
         "architecture": platform.architecture,

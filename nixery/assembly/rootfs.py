@@ -6,6 +6,11 @@ directory whose children are joined the same way. On a file conflict the
 package that sorts first wins. Then the conventional files a container
 expects are added: `/tmp`, root's home `/root`, `/usr/bin/env`,
 `/etc/passwd`, `/etc/group`, `/etc/nsswitch.conf` and the CA bundle.
+
+An image that runs as an unprivileged user (`nonroot`) also gets that
+user's entries in `/etc/passwd` and `/etc/group` and a home directory it
+owns. Its ids are fixed numbers, the same on every host, and only that home
+is owned by them: everything else stays 0:0.
 """
 
 from __future__ import annotations
@@ -25,12 +30,42 @@ CA_ALIASES = ("etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt"
 
 
 @dataclass(frozen=True)
+class ImageUser:
+    """An unprivileged user an image runs as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str  # absolute
+
+    @property
+    def config_user(self) -> str:
+        """The image config's `User`: numeric, so that a runtime checking
+        "not root" (Kubernetes' runAsNonRoot) needs no /etc/passwd lookup."""
+        return f"{self.uid}:{self.gid}"
+
+    def passwd_line(self) -> bytes:
+        return f"{self.name}:x:{self.uid}:{self.gid}:{self.name}:{self.home}:/bin/sh\n".encode()
+
+    def group_line(self) -> bytes:
+        return f"{self.name}:x:{self.gid}:\n".encode()
+
+
+# The id distroless images use for the same purpose: above the ranges hosts
+# give their own users (1000 and up), below nobody (65534), and within the
+# 65536 ids a default user namespace maps.
+NONROOT_USER = ImageUser("nonroot", 65532, 65532, "/home/nonroot")
+
+
+@dataclass(frozen=True)
 class RootEntry:
     path: str  # relative to `/`, no leading slash
     kind: str  # "dir", "symlink" or "file"
     mode: int = 0o755
     target: str = ""
     content: bytes = b""
+    uid: int = 0
+    gid: int = 0
 
 
 class _Tree:
@@ -84,8 +119,11 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def root_entries(packages: Sequence[tuple[str, str]]) -> list[RootEntry]:
-    """`packages` are (attribute name, store path) pairs, in any order."""
+def root_entries(
+    packages: Sequence[tuple[str, str]], user: ImageUser | None = None
+) -> list[RootEntry]:
+    """`packages` are (attribute name, store path) pairs, in any order; with
+    `user`, the image is set up to run as that user."""
     tree = _Tree()
     ordered = sorted(packages)
     tree.join("", [out for _, out in ordered])
@@ -104,4 +142,15 @@ def root_entries(packages: Sequence[tuple[str, str]]) -> list[RootEntry]:
     if cacert and os.path.exists(os.path.join(cacert, CA_BUNDLE)):
         for alias in CA_ALIASES:
             tree.put(RootEntry(alias, "symlink", target=os.path.join(cacert, CA_BUNDLE)))
+    if user is not None:
+        _add_user(tree, user)
     return list(tree.entries.values())
+
+
+def _add_user(tree: _Tree, user: ImageUser) -> None:
+    """The user's passwd and group lines after the others, and its home."""
+    for path, line in (("etc/passwd", user.passwd_line()), ("etc/group", user.group_line())):
+        entry = tree.entries[path]
+        tree.put(RootEntry(path, "file", mode=entry.mode, content=entry.content + line))
+    home = user.home.lstrip("/")
+    tree.put(RootEntry(home, "dir", mode=0o755, uid=user.uid, gid=user.gid))

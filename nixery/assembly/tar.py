@@ -1,7 +1,8 @@
 """Tar headers for reproducible layers, built directly.
 
-Layers hold only directories, symlinks and regular files, all owned by 0:0
-with empty owner names and one fixed mtime. For those, this module writes
+Layers hold only directories, symlinks and regular files with numeric
+owners (0:0 unless the caller says otherwise), empty owner names and one
+fixed mtime. For those, this module writes
 the same bytes as `tarfile`'s PAX format: a ustar header, preceded by a pax
 extended header (`x`) when a name or link target is longer than 100 bytes
 or not ASCII, or a size needs more than 11 octal digits. Building headers
@@ -24,11 +25,20 @@ _MAGIC = b"ustar\x0000"
 _NAME_MAX = 100
 _SIZE_MAX = 8**11 - 1  # 11 octal digits
 _ZERO_ID = b"0000000\x00"
+_ROOT_OWNER = (_ZERO_ID, _ZERO_ID)
+_ID_MAX = 8**7 - 1  # 7 octal digits
 _TAIL = bytes(32 + 32 + 8 + 8 + 155 + 12)  # uname, gname, devmajor, devminor, prefix, pad
 
 
 def header(
-    name: bytes, kind: bytes, mode: int, mtime: int, size: int = 0, link: bytes = b""
+    name: bytes,
+    kind: bytes,
+    mode: int,
+    mtime: int,
+    size: int = 0,
+    link: bytes = b"",
+    uid: int = 0,
+    gid: int = 0,
 ) -> bytes:
     """The header block(s) of one entry; a directory's name gets its `/` here."""
     if kind == DIRECTORY and not name.endswith(b"/"):
@@ -42,7 +52,8 @@ def header(
         records.append((b"size", b"%d" % size))
         size = 0
     out = _pax(records) if records else b""
-    return out + _ustar(_ascii(name), kind, mode & 0o7777, size, mtime, _ascii(link))
+    owner = (_id(uid), _id(gid)) if uid or gid else _ROOT_OWNER
+    return out + _ustar(_ascii(name), kind, mode & 0o7777, size, mtime, _ascii(link), owner)
 
 
 def padding(size: int) -> bytes:
@@ -72,9 +83,23 @@ def _field(value: bytes, length: int) -> bytes:
     return value[:length].ljust(length, b"\x00")
 
 
-def _ustar(name: bytes, kind: bytes, mode: int, size: int, mtime: int, link: bytes) -> bytes:
+def _id(value: int) -> bytes:
+    if not 0 <= value <= _ID_MAX:
+        raise ValueError(f"a uid or gid of {value} does not fit a ustar header")
+    return b"%07o\x00" % value
+
+
+def _ustar(
+    name: bytes,
+    kind: bytes,
+    mode: int,
+    size: int,
+    mtime: int,
+    link: bytes,
+    owner: tuple[bytes, bytes] = _ROOT_OWNER,
+) -> bytes:
     block = b"".join((
-        _field(name, 100), b"%07o\x00" % mode, _ZERO_ID, _ZERO_ID, b"%011o\x00" % size,
+        _field(name, 100), b"%07o\x00" % mode, owner[0], owner[1], b"%011o\x00" % size,
         b"%011o\x00" % mtime, b"        ", kind, _field(link, 100), _MAGIC, _TAIL,
     ))  # fmt: skip
     # The checksum counts its own field as eight spaces; six digits, NUL, space.

@@ -21,13 +21,14 @@ from typing import Any
 import bottle
 from bottle import Bottle, HTTPResponse, request
 
+from nixery.assembly.rootfs import NONROOT_USER
 from nixery.errors import NixeryError
 from nixery.images.activity import Activity, Build
 from nixery.images.model import BuiltImage, Layer
 from nixery.images.service import ImageService
 from nixery.packages.catalog import Lookup
 from nixery.packages.graph import store_path_name
-from nixery.packages.names import ALWAYS_INCLUDED, SHELL_PACKAGES, image_component
+from nixery.packages.names import ALWAYS_INCLUDED, NONROOT, SHELL_PACKAGES, image_component
 from nixery.packages.sources import LATEST
 from nixery.storage import Storage
 from nixery.units import human_seconds, human_size
@@ -52,6 +53,10 @@ CSP = (
 META_PACKAGES = {
     "shell": "adds " + ", ".join(SHELL_PACKAGES) + "; the image runs bash by default",
     "arm64": "builds the image for linux/arm64 (aarch64-linux) instead of the host's platform",
+    NONROOT: (
+        f"runs the image as the unprivileged user {NONROOT_USER.name} "
+        f"(uid and gid {NONROOT_USER.uid}), whose home is {NONROOT_USER.home}"
+    ),
 }
 
 

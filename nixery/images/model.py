@@ -45,6 +45,8 @@ class BuildSettings:
     max_builds: int = field(default_factory=host_cores)  # images built at once
     max_queue: int = DEFAULT_MAX_QUEUE  # more images waiting for a build slot
     max_waiting: int = DEFAULT_MAX_WAITING  # requests waiting for builds at once
+    # Annotate OCI manifests' store layers for nix-snapshotter (same layers).
+    nix_snapshotter: bool = False
 
     def outputs(self) -> tuple[Compression, ...]:
         """The encodings every layer is stored in; gzip always comes first."""
@@ -52,6 +54,11 @@ class BuildSettings:
         if self.compression == archive.ZSTD:
             return (gzip, Compression(archive.ZSTD, self.zstd_level))
         return (gzip,)
+
+    def manifest_variant(self) -> list[str]:
+        """What, beyond the layers, decides the manifests (part of image keys).
+        Empty by default, so the keys of plain images stay what they were."""
+        return ["nix-snapshotter"] if self.nix_snapshotter else []
 
     def encoding(self) -> list[Any]:
         """What, beyond the input, decides the bytes of layers (part of cache keys)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from nixery.assembly import archive
 from nixery.assembly.archive import Output, PackedLayer
 from nixery.assembly.layers import LayerGroup
-from nixery.assembly.rootfs import root_entries
+from nixery.assembly.rootfs import ImageUser, root_entries
 from nixery.images.activity import BuildEvents
 from nixery.images.model import FORMAT_VERSION, Blob, BuildSettings, Layer, cache_key
 from nixery.packages.nix import ResolvedPackage
@@ -74,12 +74,13 @@ class LayerPacker:
         groups: Sequence[LayerGroup],
         packages: Sequence[ResolvedPackage],
         on_done: Callable[[], None],
+        user: ImageUser | None = None,
     ) -> list[LayerResult]:
         """One layer per group, then the root layer (which comes on top)."""
         jobs: list[Callable[[], LayerResult]] = [
             functools.partial(self._store_layer, group) for group in groups
         ]
-        jobs.append(functools.partial(self._root_layer, packages))
+        jobs.append(functools.partial(self._root_layer, packages, user))
         sizes = [g.size for g in groups] + [0]
         return self._run_packers(jobs, sizes, on_done)
 
@@ -116,11 +117,17 @@ class LayerPacker:
             lambda outputs: archive.write_store_layer(group.paths, outputs),
         )
 
-    def _root_layer(self, packages: Sequence[ResolvedPackage]) -> LayerResult:
+    def _root_layer(
+        self, packages: Sequence[ResolvedPackage], user: ImageUser | None
+    ) -> LayerResult:
         pairs = sorted((p.attr_path, p.out) for p in packages)
-        key = f"layers/{cache_key(FORMAT_VERSION, 'root', pairs, self.settings.encoding())}.json"
+        # A root layer without a user keeps the key it always had.
+        parts: list[object] = [FORMAT_VERSION, "root", pairs, self.settings.encoding()]
+        if user is not None:
+            parts.append(["user", user.name, user.uid, user.gid, user.home])
+        key = f"layers/{cache_key(*parts)}.json"
         return self._cached_layer(
-            key, (), lambda outputs: archive.write_root_layer(root_entries(pairs), outputs)
+            key, (), lambda outputs: archive.write_root_layer(root_entries(pairs, user), outputs)
         )
 
     def _cached_layer(

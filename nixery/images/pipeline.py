@@ -28,7 +28,9 @@ from nixery.assembly.manifest import (
     config_document,
     image_config,
     manifest_document,
+    nix_layer_annotations,
 )
+from nixery.assembly.rootfs import NONROOT_USER, ImageUser
 from nixery.errors import (
     BuildFailed,
     ErrorCode,
@@ -153,7 +155,8 @@ class BuildPipeline:
                 detail["overlays"] = _overlays_detail(self.settings.overlays, exc)
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
         evaluated = time.perf_counter()
-        built, packed, profile = self._pack(packages, platform, build)
+        user = NONROOT_USER if request.nonroot else None
+        built, packed, profile = self._pack(packages, platform, build, user)
         stored = time.perf_counter()
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
         done = time.perf_counter()
@@ -166,7 +169,11 @@ class BuildPipeline:
         return built, packed, profile
 
     def _pack(
-        self, packages: Sequence[ResolvedPackage], platform: Platform, build: Build
+        self,
+        packages: Sequence[ResolvedPackage],
+        platform: Platform,
+        build: Build,
+        user: ImageUser | None = None,
     ) -> tuple[BuiltImage, list[bool], BuildProfile]:
         """Build the packages and store the image; say which layers were packed
         and where the time went."""
@@ -181,10 +188,10 @@ class BuildPipeline:
             groups = self.group(graph, packages)
             grouped = time.perf_counter()
             self._phase(build, "packing", total=len(groups) + 1)
-            results = self.packer.pack(groups, packages, lambda: self._advance(build))
+            results = self.packer.pack(groups, packages, lambda: self._advance(build), user)
             packed = time.perf_counter()
         self._phase(build, "storing")
-        built = self._store_image(packages, platform, [r.layer for r in results])
+        built = self._store_image(packages, platform, [r.layer for r in results], user)
         stored = time.perf_counter()
         fresh = [r for r in results if r.packed_bytes is not None]
         profile = BuildProfile(
@@ -216,22 +223,37 @@ class BuildPipeline:
         )
 
     def _store_image(
-        self, packages: Sequence[ResolvedPackage], platform: Platform, layers: Sequence[Layer]
+        self,
+        packages: Sequence[ResolvedPackage],
+        platform: Platform,
+        layers: Sequence[Layer],
+        user: ImageUser | None = None,
     ) -> BuiltImage:
         """Store the configs and manifests of both formats over `layers`."""
         histories = [_history(layer.paths) for layer in layers[:-1]] + ["nixery: root file system"]
         names = {p.attr_path for p in packages}
         cmd = ["bash"] if "bashInteractive" in names else None
-        config = image_config(platform, [layer.diff_id for layer in layers], histories, cmd)
+        diff_ids = [layer.diff_id for layer in layers]
+        run_as = user.config_user if user else None
+        config = image_config(platform, diff_ids, histories, cmd, run_as)
         manifests: dict[str, Descriptor] = {}
         for fmt in Format:
             config_doc = config_document(config, fmt)
             self.storage.put_blob(config_doc.data)
-            descriptors = [layer.descriptor(fmt) for layer in layers]
+            descriptors = [self._descriptor(layer, fmt) for layer in layers]
             manifest = manifest_document(fmt, config_doc.descriptor(), descriptors)
             self.storage.put_blob(manifest.data)
             manifests[fmt.name] = manifest.descriptor()
         return BuiltImage(manifests, tuple(layers), tuple(sorted(names)))
+
+    def _descriptor(self, layer: Layer, fmt: Format) -> Descriptor:
+        """A layer in a manifest; with `nix_snapshotter`, an OCI manifest's
+        store layers also name their store paths. The root layer holds no
+        store path, and Docker's manifests define no annotations."""
+        descriptor = layer.descriptor(fmt)
+        if self.settings.nix_snapshotter and fmt is Format.OCI and layer.paths:
+            return replace(descriptor, annotations=nix_layer_annotations(layer.paths))
+        return descriptor
 
     def _failed(self, build: Build, exc: Exception) -> None:
         fields = {"image": build.image, "tag": build.tag, "build": build.id}

@@ -99,7 +99,8 @@ class BuildQueue:
         key = cache_key(
             FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
             self.settings.overlays, self.settings.layer_budget, self.settings.encoding(),
-            sorted(self.popularity.items()),
+            sorted(self.popularity.items()), *request.variant(),
+            *self.settings.manifest_variant(),
         )  # fmt: skip
         doc_key = f"images/{key}.json"
         # The revision pins the package set, so a stored image is never stale.

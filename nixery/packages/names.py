@@ -29,6 +29,8 @@ DEFAULT_MAX_PACKAGES = 64
 _GIT_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 
 SHELL_PACKAGES = ("bashInteractive", "coreutils", "moreutils", "nano")
+# The meta-package that makes the image run as an unprivileged user (see `rootfs`).
+NONROOT = "nonroot"
 ALWAYS_INCLUDED = ("cacert", "iana-etc")
 
 
@@ -38,6 +40,12 @@ class ImageRequest:
 
     packages: tuple[str, ...]
     platform: Platform | None  # None: the registry's configured platforms
+    nonroot: bool = False  # run as the unprivileged user instead of root
+
+    def variant(self) -> list[str]:
+        """What, beyond the packages, decides the image (part of cache keys).
+        Empty for a plain image, so its keys stay what they were."""
+        return [NONROOT] if self.nonroot else []
 
     @property
     def requested(self) -> tuple[str, ...]:
@@ -106,14 +114,17 @@ def parse_image_name(name: str, max_packages: int = DEFAULT_MAX_PACKAGES) -> Ima
         )
     packages: set[str] = set(ALWAYS_INCLUDED)
     platform: Platform | None = None
+    nonroot = False
     for component in components:
         if component == "shell":
             packages.update(SHELL_PACKAGES)
         elif component == "arm64":
             platform = ARM64
+        elif component == NONROOT:
+            nonroot = True
         else:
             packages.add(attribute_name(component))
-    return ImageRequest(tuple(sorted(packages)), platform)
+    return ImageRequest(tuple(sorted(packages)), platform, nonroot)
 
 
 def attribute_name(component: str) -> str:
