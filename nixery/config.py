@@ -115,6 +115,7 @@ class Settings:
     max_builds: int = field(default_factory=host_cores)
     max_queue: int = 16
     max_waiting: int = 48
+    gc_roots_dir: str | None = None  # None: Nix's default
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -148,7 +149,12 @@ class Settings:
             max_builds=int(options.get("max_builds") or host_cores()),
             max_queue=int(options.get("max_queue", 16)),
             max_waiting=int(options.get("max_waiting", 48)),
+            gc_roots_dir=_absolute(options.get("gc_roots_dir")),
         )
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def _pkgs_path(options: Mapping[str, Any]) -> str | None:

@@ -62,6 +62,7 @@ def test_module_rendered_file_configures_serve() -> None:
     assert options["port"] == 8080
     assert options["storage_backend"] == "filesystem"
     assert options["storage_path"] == "/var/cache/nixery"
+    assert options["gc_roots_dir"] == "/var/lib/nixery/gc-roots"
     assert options["default_pkgs_path"] == (
         "/nix/store/00000000000000000000000000000000-nixpkgs-source"
     )

@@ -314,7 +314,7 @@ def roots_under(prefix: str) -> list[str]:
 def test_store_paths_have_roots_only_while_an_image_is_built(tmp_path: Path) -> None:
     nix = Nix(timeout=120)
     packages = nix.resolve(NixSource("path", str(FIXTURE_PKGS)), "x86_64-linux", ["hello"])
-    with temporary_roots() as roots:
+    with temporary_roots(str(tmp_path / "gc-roots")) as roots:
         outs = nix.realise(packages, roots=roots)
         held = roots_under(roots)
         assert held and all(line.endswith(outs[0]) for line in held)
@@ -323,13 +323,11 @@ def test_store_paths_have_roots_only_while_an_image_is_built(tmp_path: Path) -> 
 
 @pytest.mark.e2e
 def test_a_built_image_leaves_no_gc_root(start_server: StartServer, tmp_path: Path) -> None:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    scratch.chmod(0o755)
-    server = start_server(env={"TMPDIR": str(scratch)})
+    roots = tmp_path / "gc-roots"
+    server = start_server("--gc-roots-dir", str(roots))
     assert call(server.host, "GET", "/v2/hello/manifests/latest").status == 200
-    assert roots_under(str(scratch)) == []
-    assert list(scratch.glob("nixery-roots-*")) == []
+    assert roots_under(str(roots)) == []
+    assert list(roots.iterdir()) == []
 
 
 def test_without_grace_one_run_frees_everything_expired(storage: Storage) -> None:

@@ -64,7 +64,7 @@ from nixery.packages.names import (
     validate_digest,
     validate_tag,
 )
-from nixery.packages.nix import Nix, ResolvedPackage, temporary_roots
+from nixery.packages.nix import Nix, ResolvedPackage
 from nixery.packages.platforms import Platform, host_cores, host_platform
 from nixery.packages.sources import LATEST, ResolvedSource, Sources
 from nixery.singleflight import SingleFlight
@@ -585,7 +585,7 @@ class ImageService:
         started = time.perf_counter()
         self._phase(build, "building")
         # The roots keep the closure from Nix's garbage collector until packed.
-        with temporary_roots() as roots:
+        with self.nix.temporary_roots() as roots:
             outs = self.nix.realise(packages, self._log_listener(build), roots)
             realised = time.perf_counter()
             graph = self.nix.closure(outs)
