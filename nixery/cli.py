@@ -120,9 +120,9 @@ def _source_options(command: Any) -> Any:
             "--overlay",
             "overlays",
             multiple=True,
-            type=click.Path(exists=True, dir_okay=False),
+            type=click.Path(exists=True),
             envvar="NIXERY_OVERLAYS",
-            help="A nixpkgs overlay file; repeatable.",
+            help="A nixpkgs overlay: a file, or a directory with a default.nix; repeatable.",
         ),
     ]
     return _apply(command, options)

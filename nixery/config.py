@@ -4,7 +4,7 @@ environment and the config file)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,7 +139,7 @@ class Settings:
             popularity=options.get("popularity"),
             layer_budget=int(options["layer_budget"]),
             platforms=parse_platforms(options.get("platforms")),
-            overlays=tuple(os.path.abspath(o) for o in options.get("overlays") or ()),
+            overlays=_overlays(options.get("overlays") or ()),
             compression_level=int(options["compression_level"]),
             s3=s3_settings(options),
             nix_builders=options.get("nix_builders") or None,
@@ -151,6 +151,16 @@ class Settings:
             max_waiting=int(options.get("max_waiting", 48)),
             gc_roots_dir=_absolute(options.get("gc_roots_dir")),
         )
+
+
+def _overlays(given: Iterable[str]) -> tuple[str, ...]:
+    """Overlay files, or directories (imported by Nix as their default.nix,
+    and digested whole, so an overlay may import the files beside it)."""
+    overlays = tuple(os.path.abspath(o) for o in given)
+    for overlay in overlays:
+        if os.path.isdir(overlay) and not os.path.isfile(os.path.join(overlay, "default.nix")):
+            raise ConfigError(f"overlay directory {overlay} has no default.nix")
+    return overlays
 
 
 def _absolute(path: str | None) -> str | None:

@@ -223,8 +223,15 @@ in
     overlays = mkOption {
       type = types.listOf types.path;
       default = [ ];
-      example = literalExpression "[ ./overlay.nix ]";
-      description = "nixpkgs overlay files applied to the package source.";
+      example = literalExpression "[ ./overlay ]";
+      description = ''
+        nixpkgs overlays applied to the package source: files, or
+        directories with a `default.nix`. A Nix path is copied to the store
+        alone, so an overlay that imports files beside it must be given as
+        its directory (copied whole). A string such as `"/srv/overlay"` is
+        read at run time instead (outside the store: set
+        {option}`services.nixery.checkConfig` to `"syntax-only"`).
+      '';
     };
 
     cacheDir = mkOption {
