@@ -402,3 +402,20 @@ def test_gc_on_s3_frees_an_expired_image_and_the_next_pull_builds_it_again(
     first_index = json.loads((tmp_path / "first" / "index.json").read_text())
     second_index = json.loads((tmp_path / "second" / "index.json").read_text())
     assert first_index["manifests"][0]["digest"] == second_index["manifests"][0]["digest"]
+
+
+def test_roots_of_builds_whose_process_is_gone_are_removed(tmp_path: Path) -> None:
+    # The roots directory outlives reboots; a crashed build must not pin its paths.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"build-{dead.pid}-abc123"
+    live = tmp_path / f"build-{os.getpid()}-def456"
+    other = tmp_path / "kept"
+    for directory in (stale, live, other):
+        directory.mkdir()
+        (directory / "out").symlink_to("/nix/store/00000000000000000000000000000000-x")
+    with temporary_roots(str(tmp_path)) as roots:
+        assert Path(roots).name.startswith(f"build-{os.getpid()}-")
+        assert not stale.exists()
+        assert live.exists() and other.exists()
+    assert not Path(roots).exists()

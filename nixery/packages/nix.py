@@ -370,11 +370,36 @@ def temporary_roots(directory: str) -> Iterator[str]:
     it shares (a service's private /tmp is not).
     """
     os.makedirs(directory, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="build-", dir=directory)
+    remove_stale_roots(directory)
+    path = tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=directory)
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_roots(directory: str) -> None:
+    """Remove the roots of builds whose process is gone (it crashed or was
+    killed): unlike /tmp, the directory is not emptied at boot, and a stale
+    root would keep its store paths forever."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        match = re.fullmatch(r"build-(\d+)-\w+", entry)
+        if match and not _process_exists(int(match[1])):
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _chunks(items: Sequence[str], size: int = PATHS_PER_CALL) -> Iterator[Sequence[str]]:
