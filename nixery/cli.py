@@ -26,6 +26,12 @@ def default_source_cache() -> str:
     return default_cache_dir()
 
 
+def default_gc_roots_dir() -> str:
+    from nixery.packages.nix import default_gc_roots_dir
+
+    return default_gc_roots_dir()
+
+
 def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """`--config FILE`: TOML whose keys are the long option names."""
     if value:
@@ -103,12 +109,20 @@ def _source_options(command: Any) -> Any:
             help="Directory for git mirrors and GC roots of fetched package sets.",
         ),
         click.option(
+            "--gc-roots-dir",
+            default=default_gc_roots_dir,
+            show_default="$XDG_CACHE_HOME/nixery-gc-roots",
+            envvar="NIXERY_GC_ROOTS_DIR",
+            help="Directory for the GC roots that keep an image's store paths until packed; "
+            "the Nix garbage collector must see it (not a private /tmp).",
+        ),
+        click.option(
             "--overlay",
             "overlays",
             multiple=True,
-            type=click.Path(exists=True, dir_okay=False),
+            type=click.Path(exists=True),
             envvar="NIXERY_OVERLAYS",
-            help="A nixpkgs overlay file; repeatable.",
+            help="A nixpkgs overlay: a file, or a directory with a default.nix; repeatable.",
         ),
     ]
     return _apply(command, options)

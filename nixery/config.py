@@ -3,17 +3,47 @@ environment and the config file)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from nixery.errors import ConfigError
-from nixery.http.admission import ConnectionLimits, parse_networks
 from nixery.packages.platforms import Platform, host_cores, host_platform, parse_platform
 from nixery.packages.sources import SourceConfig, source_config
 from nixery.storage.base import validate_key
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client may hold of the server (docs/security.md, "Slow and abusive clients")."""
+
+    head_timeout: float = 5.0  # seconds from connection (or first byte) to a complete request
+    idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for its next request
+    send_timeout: float = 10.0  # seconds a client may take to accept each SEND_STEP bytes
+    per_address: int = 512  # open connections per client address; 0: no limit
+    active_per_address: int = 16  # requests per client address in worker threads; 0: no limit
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+def parse_networks(text: str | Iterable[str] | None) -> tuple[Network, ...]:
+    """`10.0.0.0/8,192.0.2.7` -> networks; a ConfigError names a bad entry."""
+    if text is None:
+        return ()
+    items = text.split(",") if isinstance(text, str) else list(text)
+    networks = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"invalid proxy address or network {item!r}") from None
+    return tuple(networks)
 
 
 @dataclass(frozen=True)
@@ -137,6 +167,7 @@ class Settings:
     max_queue: int = 16
     max_waiting: int = 48
     nix_snapshotter: bool = False
+    gc_roots_dir: str | None = None  # None: Nix's default
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -160,7 +191,7 @@ class Settings:
             popularity=options.get("popularity"),
             layer_budget=int(options["layer_budget"]),
             platforms=parse_platforms(options.get("platforms")),
-            overlays=tuple(os.path.abspath(o) for o in options.get("overlays") or ()),
+            overlays=_overlays(options.get("overlays") or ()),
             compression_level=int(options["compression_level"]),
             s3=s3_settings(options),
             nix_builders=options.get("nix_builders") or None,
@@ -171,7 +202,22 @@ class Settings:
             max_queue=int(options.get("max_queue", 16)),
             max_waiting=int(options.get("max_waiting", 48)),
             nix_snapshotter=bool(options.get("nix_snapshotter")),
+            gc_roots_dir=_absolute(options.get("gc_roots_dir")),
         )
+
+
+def _overlays(given: Iterable[str]) -> tuple[str, ...]:
+    """Overlay files, or directories (imported by Nix as their default.nix,
+    and digested whole, so an overlay may import the files beside it)."""
+    overlays = tuple(os.path.abspath(o) for o in given)
+    for overlay in overlays:
+        if os.path.isdir(overlay) and not os.path.isfile(os.path.join(overlay, "default.nix")):
+            raise ConfigError(f"overlay directory {overlay} has no default.nix")
+    return overlays
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def _pkgs_path(options: Mapping[str, Any]) -> str | None:

@@ -17,7 +17,7 @@ from nixery.images.model import BuildSettings
 from nixery.images.service import ImageService
 from nixery.ops.health import Health, storage_writable
 from nixery.ops.metrics import Metrics
-from nixery.packages.nix import Nix
+from nixery.packages.nix import Nix, default_gc_roots_dir
 from nixery.packages.popularity import load_popularity
 from nixery.packages.sources import Sources
 from nixery.storage import FilesystemStorage, Storage
@@ -53,7 +53,8 @@ def open_storage(s3: S3Settings | None, storage_path: str, clean_tmp: bool = Tru
 
 def make_nix(settings: Settings) -> Nix:
     options = {"builders": settings.nix_builders} if settings.nix_builders else {}
-    return Nix(timeout=settings.nix_timeout, extra_options=options)
+    roots = settings.gc_roots_dir or default_gc_roots_dir()
+    return Nix(timeout=settings.nix_timeout, extra_options=options, gc_roots_dir=roots)
 
 
 def make_service(

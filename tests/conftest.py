@@ -167,6 +167,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3S
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def nixpkgs_2411(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full nixpkgs 24.11 tree (evaluation only), unpacked once per session."""
+    from tests import nixpkgs
+
+    unpacked = os.environ.get("NIXERY_NIXPKGS_2411")  # an unpacked tree, to skip unpacking
+    if unpacked:
+        return Path(unpacked)
+    return nixpkgs.unpack(tmp_path_factory.mktemp("nixpkgs-24.11"))
+
+
 def require(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:

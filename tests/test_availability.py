@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nixery.config import parse_networks
 from nixery.http.admission import (
     MAX_BODY_SIZE,
     FairDispatch,
     forwarded_client,
-    parse_networks,
     request_size,
 )
 from nixery.http.server import SEND_STEP

@@ -62,6 +62,7 @@ def test_module_rendered_file_configures_serve() -> None:
     assert options["port"] == 8080
     assert options["storage_backend"] == "filesystem"
     assert options["storage_path"] == "/var/cache/nixery"
+    assert options["gc_roots_dir"] == "/var/lib/nixery/gc-roots"
     assert options["default_pkgs_path"] == (
         "/nix/store/00000000000000000000000000000000-nixpkgs-source"
     )
@@ -181,6 +182,23 @@ def test_overlay_key_takes_one_file_or_a_list(tmp_path: Path) -> None:
     assert list(serve_options("--config", str(one))["overlays"]) == [str(overlay)]
     two = write(tmp_path, f'overlay = ["{overlay}", "{overlay}"]\n', "two.toml")
     assert list(serve_options("--config", str(two))["overlays"]) == [str(overlay)] * 2
+
+
+def test_overlay_may_be_a_directory_with_a_default_nix(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "default.nix").write_text("final: prev: import ./packages.nix final\n")
+    (overlay / "packages.nix").write_text("final: { }\n")
+    config = write(tmp_path, f'pkgs-path = "{FIXTURE_PKGS}"\noverlay = ["{overlay}"]\n')
+    result = check_config(config)
+    assert result.exit_code == 0, result.output
+    settings = Settings.from_options(serve_options("--config", str(config)))
+    assert settings.overlays == (str(overlay),)
+
+    (overlay / "default.nix").unlink()
+    result = check_config(config)
+    assert result.exit_code == 1
+    assert f"overlay directory {overlay} has no default.nix" in result.output
 
 
 def options_for(tmp_path: Path, **given: str) -> dict:

@@ -317,7 +317,7 @@ def roots_under(prefix: str) -> list[str]:
 def test_store_paths_have_roots_only_while_an_image_is_built(tmp_path: Path) -> None:
     nix = Nix(timeout=120)
     packages = nix.resolve(NixSource("path", str(FIXTURE_PKGS)), "x86_64-linux", ["hello"])
-    with temporary_roots() as roots:
+    with temporary_roots(str(tmp_path / "gc-roots")) as roots:
         outs = nix.realise(packages, roots=roots)
         held = roots_under(roots)
         assert held and all(line.endswith(outs[0]) for line in held)
@@ -326,13 +326,11 @@ def test_store_paths_have_roots_only_while_an_image_is_built(tmp_path: Path) -> 
 
 @pytest.mark.e2e
 def test_a_built_image_leaves_no_gc_root(start_server: StartServer, tmp_path: Path) -> None:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    scratch.chmod(0o755)
-    server = start_server(env={"TMPDIR": str(scratch)})
+    roots = tmp_path / "gc-roots"
+    server = start_server("--gc-roots-dir", str(roots))
     assert call(server.host, "GET", "/v2/hello/manifests/latest").status == 200
-    assert roots_under(str(scratch)) == []
-    assert list(scratch.glob("nixery-roots-*")) == []
+    assert roots_under(str(roots)) == []
+    assert list(roots.iterdir()) == []
 
 
 def test_without_grace_one_run_frees_everything_expired(storage: Storage) -> None:
@@ -407,3 +405,20 @@ def test_gc_on_s3_frees_an_expired_image_and_the_next_pull_builds_it_again(
     first_index = json.loads((tmp_path / "first" / "index.json").read_text())
     second_index = json.loads((tmp_path / "second" / "index.json").read_text())
     assert first_index["manifests"][0]["digest"] == second_index["manifests"][0]["digest"]
+
+
+def test_roots_of_builds_whose_process_is_gone_are_removed(tmp_path: Path) -> None:
+    # The roots directory outlives reboots; a crashed build must not pin its paths.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"build-{dead.pid}-abc123"
+    live = tmp_path / f"build-{os.getpid()}-def456"
+    other = tmp_path / "kept"
+    for directory in (stale, live, other):
+        directory.mkdir()
+        (directory / "out").symlink_to("/nix/store/00000000000000000000000000000000-x")
+    with temporary_roots(str(tmp_path)) as roots:
+        assert Path(roots).name.startswith(f"build-{os.getpid()}-")
+        assert not stale.exists()
+        assert live.exists() and other.exists()
+    assert not Path(roots).exists()

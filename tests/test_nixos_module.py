@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+
+from tests import nixpkgs
 
 pytestmark = pytest.mark.nix
 
@@ -61,26 +63,18 @@ def test_every_nix_file_is_found() -> None:
 
 @functools.cache
 def find_lib() -> str | None:
-    """nixpkgs' lib: $NIXPKGS_LIB, else <nixpkgs/lib> on NIX_PATH."""
-    given = os.environ.get("NIXPKGS_LIB")
-    if given:
-        if not (Path(given) / "default.nix").is_file():
-            pytest.fail(f"NIXPKGS_LIB={given} is not nixpkgs' lib directory (no default.nix)")
-        return given
-    proc = subprocess.run(
-        ["nix-instantiate", "--find-file", "nixpkgs/lib"], capture_output=True, text=True
-    )
-    return proc.stdout.strip() or None
+    return nixpkgs.lib_dir()
 
 
 @pytest.fixture
 def lib() -> str:
     path = find_lib()
     if path is None:
-        pytest.skip(
+        nixpkgs.missing(
             "nixpkgs' lib not found: set NIXPKGS_LIB to the lib directory of a nixpkgs "
             "checkout (or of the nixpkgs.lib flake), or put nixpkgs on NIX_PATH"
         )
+    assert path is not None
     return path
 
 
@@ -155,6 +149,7 @@ def test_default_source_is_the_systems_nixpkgs(lib: str) -> None:
         "host": "0.0.0.0",
         "port": 8080,
         "default-pkgs-path": NIXPKGS,
+        "gc-roots-dir": "/var/lib/nixery/gc-roots",
         "storage-backend": "filesystem",
         "storage-path": "/var/cache/nixery",
     }
@@ -166,6 +161,7 @@ def test_every_option_reaches_the_config_file(lib: str) -> None:
     assert ev["settings"] == {
         "host": "127.0.0.1",
         "port": 8443,
+        "gc-roots-dir": "/var/lib/nixery/gc-roots",
         "pkgs-path": "/srv/nixery/packages",
         "overlay": ["/srv/nixery/overlay.nix"],
         "storage-backend": "filesystem",
@@ -193,6 +189,7 @@ def test_newer_daemon_options_and_s3_credentials(lib: str) -> None:
         "host": "0.0.0.0",
         "port": 8080,
         "flake": "github:example/packages",
+        "gc-roots-dir": "/var/lib/nixery/gc-roots",
         "max-builds": 4,
         "storage-backend": "s3",
         "s3-bucket": "images",
@@ -380,3 +377,69 @@ def test_vm_test_machine(lib: str) -> None:
     assert "wait_for_open_port(8080)" in script
     assert "docker://127.0.0.1:8080/shell/hello" in script
     assert "podman run" in script and "hello" in script
+
+
+# Module option -> (the `nixery` command that reads it, its long option).
+NUMERIC_OPTIONS = {
+    ("port",): ("serve", "--port"),
+    ("layerBudget",): ("serve", "--layer-budget"),
+    ("nixTimeout",): ("serve", "--nix-timeout"),
+    ("maxBuilds",): ("serve", "--max-builds"),
+    ("gc", "keepDays"): ("gc", "--keep-days"),
+    ("gc", "grace"): ("gc", "--grace"),
+}
+
+
+def boundary_values(kind: click.ParamType) -> list[int | float]:
+    """Values on and beside the bounds of a click number range."""
+    assert isinstance(kind, click.IntRange | click.FloatRange), kind
+    low = kind.min if kind.min is not None else -1000
+    high = kind.max if kind.max is not None else low + 100000
+    values: list[int | float] = [low - 1, low, high, high + 1]
+    if isinstance(kind, click.FloatRange):
+        values += [low + 0.5, low - 0.5]
+    return values
+
+
+def daemon_accepts(command: str, option: str, value: float, tmp_path: Path) -> bool:
+    """What `nixery serve --config` (through `check-config`) or `nixery gc` makes of it."""
+    from nixery import configfile
+    from nixery.cli import gc, serve
+    from nixery.config import Settings
+    from nixery.errors import ConfigError
+
+    if command == "serve":
+        file = tmp_path / f"{option[2:]}-{value}.toml"
+        file.write_text(f"{option[2:]} = {value!r}\n")
+        try:
+            configfile.check(serve, str(file), Settings.from_options, syntax_only=True)
+        except ConfigError:
+            return False
+        return True
+    [param] = [p for p in gc.params if option in p.opts]
+    try:
+        param.type.convert(value, param, None)
+    except click.BadParameter:
+        return False
+    return True
+
+
+def test_module_options_accept_exactly_what_the_daemon_accepts(lib: str, tmp_path: Path) -> None:
+    from nixery.cli import gc, serve
+
+    commands = {"serve": serve, "gc": gc}
+    probes: list[dict[str, Any]] = []
+    for path, (command, option) in NUMERIC_OPTIONS.items():
+        [param] = [p for p in commands[command].params if option in p.opts]
+        probes += [{"option": list(path), "value": v} for v in boundary_values(param.type)]
+    argv = ["nix-instantiate", "--eval", "--strict", "--json", str(HERE / "eval-option-values.nix"),
+            "--argstr", "libPath", lib, "--argstr", "probesJSON", json.dumps(probes)]  # fmt: skip
+    module_accepts = json.loads(run(argv))
+    differ = []
+    for probe, accepted in zip(probes, module_accepts, strict=True):
+        command, option = NUMERIC_OPTIONS[tuple(probe["option"])]
+        expected = daemon_accepts(command, option, probe["value"], tmp_path)
+        if accepted != expected:
+            differ.append(f"{'.'.join(probe['option'])} = {probe['value']}: module {accepted}, "
+                          f"nixery {command} {expected}")  # fmt: skip
+    assert not differ, "\n".join(differ)

@@ -16,6 +16,13 @@ let
     ;
 
   cfg = config.services.nixery;
+
+  # Option types accept exactly what `nixery serve` and `nixery gc` accept
+  # (tests/test_nixos_module.py compares them), so a value that evaluates
+  # also passes the build-time check.
+  atLeastOne = types.addCheck types.number (x: x >= 1) // {
+    description = "number at least 1";
+  };
   settingsFormat = pkgs.formats.toml { };
 
   # A static user rather than DynamicUser: the Nix daemon matches
@@ -216,8 +223,15 @@ in
     overlays = mkOption {
       type = types.listOf types.path;
       default = [ ];
-      example = literalExpression "[ ./overlay.nix ]";
-      description = "nixpkgs overlay files applied to the package source.";
+      example = literalExpression "[ ./overlay ]";
+      description = ''
+        nixpkgs overlays applied to the package source: files, or
+        directories with a `default.nix`. A Nix path is copied to the store
+        alone, so an overlay that imports files beside it must be given as
+        its directory (copied whole). A string such as `"/srv/overlay"` is
+        read at run time instead (outside the store: set
+        {option}`services.nixery.checkConfig` to `"syntax-only"`).
+      '';
     };
 
     cacheDir = mkOption {
@@ -291,14 +305,14 @@ in
     };
 
     nixTimeout = mkOption {
-      type = types.nullOr types.ints.positive;
+      type = types.nullOr atLeastOne;
       default = null;
       example = 300;
       description = "Seconds each Nix step may take (`nix-timeout`; the daemon's default when null).";
     };
 
     layerBudget = mkOption {
-      type = types.nullOr (types.ints.between 1 125);
+      type = types.nullOr (types.ints.between 1 124);
       default = null;
       description = "Maximum number of package layers per image (`layer-budget`; the daemon's default when null).";
     };
@@ -354,7 +368,7 @@ in
       };
 
       grace = mkOption {
-        type = types.ints.unsigned;
+        type = types.numbers.nonnegative;
         default = 3600;
         description = ''
           Seconds new or expired entries are kept so that builds and pulls in
@@ -389,7 +403,13 @@ in
       }
     ];
 
-    services.nixery.settings = lib.filterAttrs (_: value: value != null) {
+    # Builds keep their store paths alive with GC roots there: the
+    # nix-daemon resolves them in its own view of the file system, where the
+    # service's private /tmp does not exist.
+    services.nixery.settings = {
+      gc-roots-dir = lib.mkDefault "${stateDir}/gc-roots";
+    }
+    // lib.filterAttrs (_: value: value != null) {
       host = cfg.listenAddress;
       inherit (cfg) port channel flake;
       pkgs-repo = cfg.pkgsRepo;

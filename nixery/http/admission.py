@@ -10,13 +10,11 @@ import ipaddress
 import re
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from nixery.errors import ConfigError
+from nixery.config import Network
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 
 MAX_HEADER_SIZE = 64 * 1024
@@ -30,34 +28,6 @@ _CHUNKED = re.compile(rb"\r?\nTransfer-Encoding[ \t]*:", re.I)
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/\d\.\d\r\n")
 _EXPECT = re.compile(rb"\r?\nExpect[ \t]*:", re.I)
 _FORWARDED_FOR = re.compile(rb"\r?\nX-Forwarded-For[ \t]*:([^\r\n]*)", re.I)
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What one client may hold of the server (docs/security.md, "Slow and abusive clients")."""
-
-    head_timeout: float = 5.0  # seconds from connection (or first byte) to a complete request
-    idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for its next request
-    send_timeout: float = 10.0  # seconds a client may take to accept each SEND_STEP bytes
-    per_address: int = 512  # open connections per client address; 0: no limit
-    active_per_address: int = 16  # requests per client address in worker threads; 0: no limit
-    trusted_proxies: tuple[Network, ...] = ()
-
-
-def parse_networks(text: str | Iterable[str] | None) -> tuple[Network, ...]:
-    """`10.0.0.0/8,192.0.2.7` -> networks; a ConfigError names a bad entry."""
-    if text is None:
-        return ()
-    items = text.split(",") if isinstance(text, str) else list(text)
-    networks = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ConfigError(f"invalid proxy address or network {item!r}") from None
-    return tuple(networks)
 
 
 def in_networks(address: str, networks: tuple[Network, ...]) -> bool:

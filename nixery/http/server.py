@@ -56,13 +56,13 @@ from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
+from nixery.config import ConnectionLimits
 from nixery.errors import ConfigError
 from nixery.http.admission import (
     MAX_BODY_SIZE,
     MAX_HEADER_SIZE,
     UNSHARED_PATHS,
     AddressCounts,
-    ConnectionLimits,
     FairDispatch,
     forwarded_client,
     in_networks,

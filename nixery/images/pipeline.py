@@ -44,7 +44,7 @@ from nixery.images.packing import LayerPacker
 from nixery.packages.catalog import Catalog
 from nixery.packages.graph import ClosureGraph, store_path_name
 from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
-from nixery.packages.nix import OVERLAY_MODES, Nix, ResolvedPackage, temporary_roots
+from nixery.packages.nix import OVERLAY_MODES, Nix, ResolvedPackage
 from nixery.packages.platforms import Platform
 from nixery.packages.sources import ResolvedSource, Sources
 from nixery.singleflight import Count
@@ -180,7 +180,7 @@ class BuildPipeline:
         started = time.perf_counter()
         self._phase(build, "building")
         # The roots keep the closure from Nix's garbage collector until packed.
-        with temporary_roots() as roots:
+        with self.nix.temporary_roots() as roots:
             outs = self.nix.realise(packages, self._log_listener(build), roots)
             realised = time.perf_counter()
             graph = self.nix.closure(outs)

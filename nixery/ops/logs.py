@@ -14,8 +14,14 @@ import sys
 from contextvars import ContextVar
 from typing import Any
 
-from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
+try:  # python-json-logger 3
+    from pythonjsonlogger.core import RESERVED_ATTRS
+    from pythonjsonlogger.json import JsonFormatter
+except ImportError:  # python-json-logger 2, as in nixpkgs 24.11
+    from pythonjsonlogger.jsonlogger import (  # type: ignore[no-redef]
+        RESERVED_ATTRS,
+        JsonFormatter,
+    )
 
 FORMATS = ("text", "json")
 _STANDARD = frozenset(RESERVED_ATTRS) | {"taskName"}

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, NamedTuple
@@ -129,6 +129,13 @@ class Nix:
     extra_options: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] | None = None
     _overlay_modes: _Once = field(default_factory=lambda: _Once(), compare=False, repr=False)
+    # Where builds keep their temporary GC roots: a directory the collector
+    # (the nix-daemon, or root) sees at the same path, so not a private /tmp.
+    gc_roots_dir: str = field(default_factory=lambda: default_gc_roots_dir())
+
+    def temporary_roots(self) -> AbstractContextManager[str]:
+        """A directory of GC roots for one build, under `gc_roots_dir`."""
+        return temporary_roots(self.gc_roots_dir)
 
     def _options(self) -> list[str]:
         argv: list[str] = []
@@ -338,7 +345,7 @@ class Nix:
             installable.setdefault(p["out"], f"{p['drv']}!{p['output']}")
         outs = sorted(by_out)
         # Roots keep what was built from a concurrent garbage collection.
-        with temporary_roots() as roots:
+        with self.temporary_roots() as roots:
             for done in range(0, len(outs), batch):
                 argv = ["nix-store", "--realise", "--keep-going"]
                 argv += ["--add-root", os.path.join(roots, f"batch{done}"), *self._options()]
@@ -409,18 +416,52 @@ class _Once:
             return True
 
 
+def default_gc_roots_dir() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "nixery-gc-roots")
+
+
 @contextmanager
-def temporary_roots() -> Iterator[str]:
+def temporary_roots(directory: str) -> Iterator[str]:
     """A directory for GC roots that live only as long as a build.
 
     The cache keeps layer tarballs, not store paths, so store paths need a
-    root only between their build and the packing of their layers.
+    root only between their build and the packing of their layers. Nix
+    registers each root by the path of its link, and the collector follows
+    that path in its own view of the file system: `directory` must be one
+    it shares (a service's private /tmp is not).
     """
-    path = tempfile.mkdtemp(prefix="nixery-roots-")
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_roots(directory)
+    path = tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=directory)
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_roots(directory: str) -> None:
+    """Remove the roots of builds whose process is gone (it crashed or was
+    killed): unlike /tmp, the directory is not emptied at boot, and a stale
+    root would keep its store paths forever."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        match = re.fullmatch(r"build-(\d+)-\w+", entry)
+        if match and not _process_exists(int(match[1])):
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _chunks(items: Sequence[str], size: int = PATHS_PER_CALL) -> Iterator[Sequence[str]]:
