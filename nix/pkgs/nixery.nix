@@ -41,8 +41,9 @@ python3Packages.buildPythonApplication {
       ../../README.md
       ../../nixery
       ../../tests
-      # The unit tests check the Kubernetes manifests.
+      # The unit tests check the Kubernetes manifests, and the option table.
       ../../deploy
+      ../../docs/configuration.md
     ];
   };
 
