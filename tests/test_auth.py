@@ -283,7 +283,7 @@ def test_tokens_open_only_the_repositories_and_actions_they_grant(
     def signed(sub: str, *access: dict[str, object]) -> str:
         return jwt.encode({**template, "sub": sub, "access": list(access)}, key, "HS256")
 
-    hello = {"type": "repository", "name": "hello"}
+    hello: dict[str, object] = {"type": "repository", "name": "hello"}
     granted = {
         "anonymous, hello:pull": issued("repository:hello:pull"),
         "user, hello:pull": issued("repository:hello:pull", basic()),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
-from itertools import product
+from itertools import groupby, product
 
 import pytest
 
@@ -112,22 +112,15 @@ CHARACTERS = [chr(c) for c in range(128)] + ["é", "ß", "١", "\u00a0", "Ａ"]
 
 def spec_name_component(text: str) -> bool:
     """[a-z0-9]+ separated by one `.`, one `_`, two `__`, or any run of `-`."""
-    runs, separators, current, alnum = [], [], "", None
-    for char in text:
-        is_alnum = char in LOWER or char in DIGITS
-        if char not in LOWER | DIGITS | {".", "_", "-"}:
-            return False
-        if alnum is None or is_alnum != alnum:
-            if current:
-                (runs if alnum else separators).append(current)
-            current, alnum = char, is_alnum
-        else:
-            current += char
-    if current:
-        (runs if alnum else separators).append(current)
-    starts_and_ends_alnum = bool(text) and text[0] not in "._-" and text[-1] not in "._-"
-    return starts_and_ends_alnum and all(s in {".", "_", "__"} or set(s) == {"-"}
-                                         for s in separators)  # fmt: skip
+    alnum = LOWER | DIGITS
+    if not text or not set(text) <= alnum | {".", "_", "-"}:
+        return False
+    if text[0] not in alnum or text[-1] not in alnum:
+        return False
+    separators = [
+        "".join(g) for is_alnum, g in groupby(text, key=alnum.__contains__) if not is_alnum
+    ]
+    return all(s in {".", "_", "__"} or set(s) == {"-"} for s in separators)
 
 
 def spec_name(text: str) -> bool:
