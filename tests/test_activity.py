@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nixery.http.web import CHART_WIDTH, layer_chart, time_ago
@@ -19,26 +20,39 @@ from nixery.images.model import Layer
 from nixery.storage import FilesystemStorage
 
 
-def build(image: str = "shell/hello") -> Build:
-    return Build(image, "latest", "linux/amd64", ("hello",), "ab" * 32)
+def build(image: str = "shell/hello", clock: Callable[[], float] = time.monotonic) -> Build:
+    return Build(image, "latest", "linux/amd64", ("hello",), "ab" * 32, clock=clock)
+
+
+class Clock:
+    """Seconds that pass only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_phases_add_up_per_step() -> None:
-    b = build()
-    time.sleep(0.02)
+    clock = Clock()
+    b = build(clock=clock)
+    clock.now += 2
     b.enter("building")
-    time.sleep(0.02)
+    clock.now += 3
     b.enter("packing", total=3)
     b.advance()
     assert (b.phase, b.done, b.total) == ("packing", 1, 3)
-    time.sleep(0.02)
+    clock.now += 7
     b.enter("storing")
-    steps = b.step_seconds()
-    assert set(steps) == {"nix", "packing", "storing"}
-    assert steps["nix"] >= 0.04 and steps["packing"] >= 0.02
+    clock.now += 11
+    assert b.step_seconds() == {"nix": 5, "packing": 7, "storing": 11}
+    assert b.elapsed() == 23
+    clock.now += 13  # the current phase counts until the record is made
     record = b.record(SUCCESS, [(100, True), (50, False)])
     assert (record.layers, record.packed, record.size) == (2, 1, 150)
-    assert record.duration >= sum(record.steps.values()) - 0.01
+    assert record.steps == {"nix": 5, "packing": 7, "storing": 24}
+    assert record.duration == 36
 
 
 def test_history_is_kept_bounded_and_survives_a_restart(tmp_path: Path) -> None:

@@ -250,6 +250,77 @@ def test_read_only_cache_serves_only_built_images(
     assert any(c["tool"] == "nix-instantiate" for c in read_trace(trace))
 
 
+@pytest.mark.e2e
+def test_tokens_open_only_the_repositories_and_actions_they_grant(
+    start_server: StartServer, htpasswd: Path, tmp_path: Path
+) -> None:
+    """Every token against hello's manifest and blobs on a read-only cache:
+    issued anonymously or to a user, for hello or another name, and signed
+    tokens whose access lists other actions or other resource types."""
+    storage = tmp_path / "storage"
+    builder = start_server(storage=storage)
+    manifest = call(builder.host, "GET", "/v2/hello/manifests/latest")
+    assert manifest.status == 200
+    digest = manifest.require_header("Docker-Content-Digest")
+    blob_digests = [manifest.json()["config"]["digest"], manifest.json()["layers"][0]["digest"]]
+    builder.stop()
+
+    key_file = tmp_path / "token.key"
+    server = start_server("--read-only-cache", "--auth", f"token:{htpasswd}",
+                          "--auth-key", str(key_file), storage=storage)  # fmt: skip
+    paths = ["/v2/hello/manifests/latest", f"/v2/hello/manifests/{digest}"]
+    paths += [f"/v2/hello/blobs/{blob}" for blob in blob_digests]
+
+    def issued(scope: str, headers: dict[str, str] | None = None) -> str:
+        reply = get_token(server, scope, headers=headers)
+        assert reply.status == 200, reply.body
+        return str(reply.json()["token"])
+
+    key = key_file.read_bytes().strip()
+    template = jwt.decode(issued("repository:hello:pull", basic()), key,
+                          algorithms=["HS256"], audience="nixery")  # fmt: skip
+
+    def signed(sub: str, *access: dict[str, object]) -> str:
+        return jwt.encode({**template, "sub": sub, "access": list(access)}, key, "HS256")
+
+    hello: dict[str, object] = {"type": "repository", "name": "hello"}
+    granted = {
+        "anonymous, hello:pull": issued("repository:hello:pull"),
+        "user, hello:pull": issued("repository:hello:pull", basic()),
+        "signed user, pull": signed(USER, {**hello, "actions": ["pull"]}),
+        "signed anonymous, push and pull": signed("", {**hello, "actions": ["push", "pull"]}),
+    }
+    refused = {
+        "anonymous, jq:pull": issued("repository:jq:pull"),
+        "anonymous, hello:push": issued("repository:hello:push"),
+        "user, jq:pull": issued("repository:jq:pull", basic()),
+        "user, hello:push": issued("repository:hello:push", basic()),
+        "user, no scope": issued("registry:catalog:*", basic()),
+        "signed user, push": signed(USER, {**hello, "actions": ["push"]}),
+        "signed user, push and delete": signed(USER, {**hello, "actions": ["push", "delete"]}),
+        "signed user, no actions": signed(USER, {**hello, "actions": []}),
+        "signed user, actions missing": signed(USER, hello),
+        "signed user, pull as text": signed(USER, {**hello, "actions": "pul"}),
+        "signed user, other type": signed(USER, {**hello, "type": "registry", "actions": ["pull"]}),
+        "signed user, other name": signed(USER, {**hello, "name": "jq", "actions": ["pull"]}),
+        "signed anonymous, push": signed("", {**hello, "actions": ["push"]}),
+        "signed anonymous, jq": signed("", {**hello, "name": "jq", "actions": ["pull"]}),
+    }
+    for label, token in granted.items():
+        for path in paths:
+            for method in ("GET", "HEAD"):
+                reply = call(server.host, method, path, bearer(token))
+                assert reply.status == 200, (label, method, path, reply.status)
+    for label, token in refused.items():
+        for path in paths:
+            for method in ("GET", "HEAD"):
+                reply = call(server.host, method, path, bearer(token))
+                assert reply.status == 401, (label, method, path, reply.status)
+                assert challenge(reply)[1]["scope"] == "repository:hello:pull", label
+    # Nothing was built: every image came from the cache, or was refused.
+    assert "build started" not in server.log_text()
+
+
 def call_post(host: str, path: str, form: str) -> Reply:
     import http.client
 

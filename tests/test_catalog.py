@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -91,9 +90,13 @@ def test_lookups_and_the_name_list_are_cached(nix: CountingNix) -> None:
 
 
 def test_expired_entries_are_looked_up_again(nix: CountingNix) -> None:
-    catalog = Catalog(nix, ttl=0.01)
+    now = [0.0]
+    catalog = Catalog(nix, ttl=60, clock=lambda: now[0])
     catalog.lookup(SOURCE, REVISION, SYSTEM, "hello")
-    time.sleep(0.05)
+    now[0] = 59.0
+    catalog.lookup(SOURCE, REVISION, SYSTEM, "hello")
+    assert len(nix.calls) == 1
+    now[0] = 61.0
     catalog.lookup(SOURCE, REVISION, SYSTEM, "hello")
     assert len(nix.calls) == 2
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from nixery.ops.gc import image_references
 from nixery.storage import FilesystemStorage, StorageError
 from tests.attack import processes_mentioning
 from tests.clients import skopeo_copy
 from tests.conftest import Server, StartServer, require
+from tests.gated import WAITING, GatedPackage
 from tests.http import call
 
 OVERLAY = Path(__file__).parent / "fixtures" / "robustness" / "overlay.nix"
@@ -35,6 +35,32 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def digests_in(document: object) -> set[str]:
+    """Every `digest` value anywhere in a JSON document."""
+    if isinstance(document, dict):
+        found = {document["digest"]} if isinstance(document.get("digest"), str) else set()
+        return found.union(*(digests_in(value) for value in document.values()))
+    if isinstance(document, list):
+        return set().union(*(digests_in(value) for value in document))
+    return set()
+
+
+def blobs_needed_by(blobs: Path, image: object) -> set[str]:
+    """What an image document points at, read from the files themselves: the
+    digests it names, and those named by each manifest (and list) it names."""
+    needed = digests_in(image)
+    pending = [d["digest"] for d in image["manifests"].values()]  # type: ignore[index]
+    while pending:
+        digest = pending.pop()
+        blob = blobs / digest.split(":")[1]
+        assert blob.exists(), f"manifest {digest} is missing"
+        manifest = json.loads(blob.read_bytes())
+        listed = digests_in(manifest) - needed
+        needed |= listed
+        pending += [d["digest"] for d in manifest.get("manifests", [])]
+    return needed
+
+
 def assert_consistent(root: Path) -> int:
     """Only complete, matching blobs; documents point only at present blobs.
 
@@ -43,16 +69,12 @@ def assert_consistent(root: Path) -> int:
     blobs = root / "blobs" / "sha256"
     for blob in blobs.iterdir():
         assert sha256_file(blob) == "sha256:" + blob.name, f"corrupt blob {blob.name}"
-    storage = FilesystemStorage(root)
-    try:
-        for entry in storage.list_documents("images/"):
-            for digest in image_references(storage, storage.get_document(entry.name) or b""):
-                assert (blobs / digest.split(":")[1]).exists(), (entry.name, digest)
-        for entry in storage.list_documents("layers/"):
-            digest = json.loads(storage.get_document(entry.name) or b"{}")["digest"]
-            assert (blobs / digest.split(":")[1]).exists(), (entry.name, digest)
-    finally:
-        storage.close()
+    for document in (root / "documents" / "images").rglob("*.json"):
+        for digest in blobs_needed_by(blobs, json.loads(document.read_bytes())):
+            assert (blobs / digest.split(":")[1]).exists(), (document.name, digest)
+    for document in (root / "documents" / "layers").rglob("*.json"):
+        for digest in digests_in(json.loads(document.read_bytes())):
+            assert (blobs / digest.split(":")[1]).exists(), (document.name, digest)
     return len(list(blobs.iterdir()))
 
 
@@ -181,35 +203,49 @@ def wait_for_blob_write(storage: Path, timeout: float = 120) -> bool:
     return False
 
 
+def wait_at_the_gate(server: Server, image: str, timeout: float = 120) -> bool:
+    """Until the build of `image` says (in its log on /builds.json) that Nix waits at the gate."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = call(server.host, "GET", "/builds.json").json()["running"]
+        if any(b["image"] == image and WAITING in b["log"] for b in running):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.mark.e2e
 def test_sigkill_during_builds_leaves_only_complete_entries(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, tmp_path: Path, gated: GatedPackage
 ) -> None:
     require("skopeo")
     storage = tmp_path / "storage"
-    images = ["big20", "big24", "big28"]
+    overlay = ("--overlay", str(gated.overlay))
+    images = ["big20", f"big24/{gated.name}", "big28"]
     for number, image in enumerate(images):
-        server = serve(start_server, storage)
+        server = serve(start_server, storage, *overlay)
         request_in_background(server, image)
         if number % 2 == 0:
             # In the middle of writing a layer to storage.
             assert wait_for_blob_write(storage), server.log_text()
         else:
-            # Anywhere else: evaluating, building, packing or committing.
-            time.sleep(0.3 + number * 0.4)
+            # While Nix builds: the gated package waits until the test opens its gate.
+            assert wait_at_the_gate(server, image), server.log_text()
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         assert_consistent(storage)
+    gated.open()  # the orphaned build may finish; nothing waits for it
 
     # Restart: stale temp files go, everything is rebuilt as needed and pulls.
-    server = serve(start_server, storage)
+    server = serve(start_server, storage, *overlay)
     deadline = time.monotonic() + 60
     while tmp_files(storage) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tmp_files(storage) == []
-    for image in images:
-        skopeo_copy(server.host, image, tmp_path / f"oci-{image}")  # skopeo checks digests
+    for number, image in enumerate(images):
+        skopeo_copy(server.host, image, tmp_path / f"oci-{number}")  # skopeo checks digests
     assert assert_consistent(storage) > 0
+    assert len(list((storage / "documents" / "images").glob("*.json"))) >= len(images)
 
 
 @pytest.mark.e2e

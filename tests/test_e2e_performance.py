@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from nixery.packages.sources import SourceConfig, Sources
 from nixery.storage import FilesystemStorage
 from tests.clients import TIMEOUT, skopeo_copy
 from tests.conftest import FIXTURE_PKGS, Server, StartServer, require
+from tests.gated import GatedPackage, make_gated_package
 from tests.http import Reply, call
 
 pytestmark = pytest.mark.e2e
@@ -38,27 +39,30 @@ ZSTD_LAYER = "application/vnd.oci.image.layer.v1.tar+zstd"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
-def slow_overlay(directory: Path, seconds: int, *names: str) -> Path:
-    """An overlay adding packages whose build sleeps. A fresh nonce gives new
-    store paths, so every test run really builds them."""
-    nonce = uuid.uuid4().hex
-    packages = "\n".join(
-        f"""  {name} = derivation {{
-    name = "{name}";
-    system = prev.hello.system;
-    builder = "/bin/busybox";
-    args = [ "sh" "-c" "sleep {seconds}; mkdir -p $out/bin; echo {name} > $out/bin/{name}" ];
-    nonce = "{nonce}";
-  }};"""
-        for name in names
-    )
-    path = directory / f"slow-{nonce}.nix"
-    path.write_text(f"final: prev: {{\n{packages}\n}}\n")
-    return path
+@pytest.fixture
+def gates() -> Iterator[Callable[..., list[GatedPackage]]]:
+    """Makes packages whose builds wait until the test opens their gates; a
+    fresh nonce gives new store paths, so every test run really builds them."""
+    made: list[GatedPackage] = []
+
+    def make(*names: str) -> list[GatedPackage]:
+        packages = [make_gated_package(name) for name in names]
+        made.extend(packages)
+        return packages
+
+    yield make
+    for package in made:
+        package.remove()
+
+
+def overlays(*packages: GatedPackage) -> list[str]:
+    return [arg for package in packages for arg in ("--overlay", str(package.overlay))]
 
 
 def builds_of(server: Server, image: str) -> int:
-    return len(re.findall(rf"build started image={re.escape(image)} ", server.log_text()))
+    started = re.findall(r": build started image=(\S+) ", server.log_text())
+    assert started or "build started" not in server.log_text(), "the log format changed"
+    return started.count(image)
 
 
 def wait_for_log(server: Server, pattern: str, timeout: float = TIMEOUT) -> None:
@@ -66,6 +70,13 @@ def wait_for_log(server: Server, pattern: str, timeout: float = TIMEOUT) -> None
     while not re.search(pattern, server.log_text()):
         if time.monotonic() > deadline:
             raise AssertionError(f"{pattern!r} not logged:\n{server.log_text()}")
+        time.sleep(0.05)
+
+
+def wait_for(condition: Callable[[], bool], server: Server, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, server.log_text()
         time.sleep(0.05)
 
 
@@ -166,21 +177,25 @@ def run_env(argv: list[str], env: dict[str, str], check: bool = True) -> str:
 
 
 def test_32_concurrent_pulls_of_one_image_build_it_once(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, gates: Callable[..., list[GatedPackage]]
 ) -> None:
-    overlay = slow_overlay(tmp_path, 2, "slowone")
-    server = start_server("--overlay", str(overlay))
+    (slowone,) = gates("slowone")
+    server = start_server(*overlays(slowone))
     with ThreadPoolExecutor(32) as pool:
-        digests = list(pool.map(lambda _: pull(server, "slowone"), range(32)))
+        pulls = [pool.submit(pull, server, "slowone") for _ in range(32)]
+        # All 32 wait for the one build before it may finish.
+        wait_for(lambda: builds_queued(server) == 31, server)
+        slowone.open()
+        digests = [p.result() for p in pulls]
     assert len(set(digests)) == 1
     assert builds_of(server, "slowone") == 1
 
 
 def test_beyond_the_queue_clients_get_429_with_retry_after(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, gates: Callable[..., list[GatedPackage]]
 ) -> None:
-    overlay = slow_overlay(tmp_path, 2, "slowa", "slowb", "slowc")
-    server = start_server("--overlay", str(overlay), "--max-builds", "1", "--max-queue", "1")
+    packages = gates("slowa", "slowb", "slowc")
+    server = start_server(*overlays(*packages), "--max-builds", "1", "--max-queue", "1")
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(get_manifest, server, "slowa")
         wait_for_log(server, "build started image=slowa ")
@@ -190,6 +205,8 @@ def test_beyond_the_queue_clients_get_429_with_retry_after(
         assert refused.status == 429
         assert refused.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
         assert int(refused.header("Retry-After") or "0") >= 1
+        for package in packages:
+            package.open()
         assert first.result().status == 200
         assert second.result().status == 200
     assert builds_of(server, "slowc") == 0
@@ -205,17 +222,14 @@ def builds_queued(server: Server) -> float:
 
 
 def test_past_max_waiting_requests_get_429_and_the_build_goes_on(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, gates: Callable[..., list[GatedPackage]]
 ) -> None:
-    overlay = slow_overlay(tmp_path, 6, "slowwait")
-    server = start_server("--overlay", str(overlay), "--max-waiting", "2")
+    (slowwait,) = gates("slowwait")
+    server = start_server(*overlays(slowwait), "--max-waiting", "2")
     assert get_manifest(server, "hello").status == 200
     with ThreadPoolExecutor(2) as pool:
         waiting = [pool.submit(get_manifest, server, "slowwait") for _ in range(2)]
-        deadline = time.monotonic() + TIMEOUT
-        while builds_queued(server) < 1:  # the second request is inside too
-            assert time.monotonic() < deadline, server.log_text()
-            time.sleep(0.05)
+        wait_for(lambda: builds_queued(server) >= 1, server)  # the second request is inside too
         for name in ("slowwait", "slowwait/hello"):
             refused = get_manifest(server, name)
             assert refused.status == 429, refused.body
@@ -224,6 +238,7 @@ def test_past_max_waiting_requests_get_429_and_the_build_goes_on(
         # Whatever does not wait for a build is still answered.
         assert get_manifest(server, "hello").status == 200
         assert call(server.host, "GET", "/v2/").status == 200
+        slowwait.open()
         assert [f.result().status for f in waiting] == [200, 200]
     # The refused new image was started before its request was turned away:
     # its build went on, so the retry finds it stored.
@@ -234,16 +249,17 @@ def test_past_max_waiting_requests_get_429_and_the_build_goes_on(
 
 
 def test_a_build_finishes_and_is_cached_after_its_client_left(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, gates: Callable[..., list[GatedPackage]]
 ) -> None:
-    overlay = slow_overlay(tmp_path, 2, "slowleft")
-    server = start_server("--overlay", str(overlay))
+    (slowleft,) = gates("slowleft")
+    server = start_server(*overlays(slowleft))
     host, port = server.host.split(":")
     with socket.create_connection((host, int(port))) as sock:
         request = f"GET /v2/slowleft/manifests/latest HTTP/1.1\r\nHost: {server.host}\r\n"
         sock.sendall(f"{request}Accept: {OCI}\r\n\r\n".encode())
         wait_for_log(server, "build started image=slowleft ")
-    # The client is gone; the build goes on and stores everything.
+    # The client is gone before the build may finish; it goes on and stores everything.
+    slowleft.open()
     wait_for_log(server, r"built slowleft for .*packed \d+ layers")
     images = list((server.storage / "documents" / "images").iterdir())
     assert len(images) == 1

@@ -252,31 +252,50 @@ def test_gc_while_serving(start_server: StartServer, tmp_path: Path) -> None:
     age(storage, 3 * HOUR)
 
     failures: list[str] = []
+    rounds = [0]  # whole pulls of hello: manifest and every blob
+    progress = threading.Condition()
     stop = threading.Event()
 
     def pull_hello() -> None:
-        while not stop.is_set():
-            manifest = call(server.host, "GET", "/v2/hello/manifests/latest")
-            if manifest.status != 200:
-                failures.append(f"manifest {manifest.status}")
-                continue
-            for layer in manifest.json()["layers"]:
-                reply = call(server.host, "GET", f"/v2/hello/blobs/{layer['digest']}")
-                if reply.status != 200:
-                    failures.append(f"blob {layer['digest']} {reply.status}")
+        try:
+            while not stop.is_set():
+                manifest = call(server.host, "GET", "/v2/hello/manifests/latest")
+                if manifest.status != 200:
+                    failures.append(f"manifest {manifest.status}")
+                    continue
+                for layer in manifest.json()["layers"]:
+                    reply = call(server.host, "GET", f"/v2/hello/blobs/{layer['digest']}")
+                    if reply.status != 200:
+                        failures.append(f"blob {layer['digest']} {reply.status}")
+                with progress:
+                    rounds[0] += 1
+                    progress.notify_all()
+        except BaseException as exc:  # a dead puller must fail the test, not end it quietly
+            failures.append(f"puller died: {exc!r}")
+            raise
+        finally:
+            with progress:
+                progress.notify_all()
+
+    def pulled_after(count: int) -> bool:
+        """Wait until `count` whole pulls are done (or the puller stopped)."""
+        with progress:
+            return progress.wait_for(lambda: rounds[0] >= count or not puller.is_alive(), 120)
 
     puller = threading.Thread(target=pull_hello)
     puller.start()
     try:
+        assert pulled_after(1)  # pulling while gc starts
         gc(server.storage, "--keep-days", "0")  # every image expires: tombstones
         for path in (server.storage / "documents" / "expired").rglob("*.json"):
             os.utime(path, (0, time.time() - 2 * HOUR))  # as if the grace passed
         out = gc(server.storage, "--keep-days", "0")
-        time.sleep(1)
+        # Two more rounds: at least one whole pull began after gc had removed blobs.
+        assert pulled_after(rounds[0] + 2)
     finally:
         stop.set()
         puller.join()
-    assert failures == []
+    assert rounds[0] >= 3 and failures == []
     assert "removed" in out
     left = blobs(storage)
     assert jq - hello and not (jq - hello) & left  # jq's own layers are gone
@@ -378,15 +397,15 @@ def test_gc_on_s3_frees_an_expired_image_and_the_next_pull_builds_it_again(
     built = s3_server.keys(bucket, "blobs/")
     assert built and s3_server.keys(bucket, "documents/images/")
 
-    # --keep-days 0: the image has expired; a grace of one second stands for
-    # an hour, so the tombstone is old enough by the next run.
-    first = gc_s3(s3_server, bucket, "--keep-days", "0", "--grace", "1")
+    # --keep-days 0: the image has expired, and becomes a tombstone for the
+    # grace. A second run without grace drops it at once (how tombstones age
+    # is tested with `collect(now=...)` on this same S3 server above).
+    first = gc_s3(s3_server, bucket, "--keep-days", "0", "--grace", "3600")
     assert "expired 1 images" in first and "removed 0 blobs" in first
     assert s3_server.keys(bucket, "blobs/") == built
     assert s3_server.keys(bucket, "documents/images/") == {}
     assert s3_server.keys(bucket, "documents/expired/images/")
-    time.sleep(1.5)
-    second = gc_s3(s3_server, bucket, "--keep-days", "0", "--grace", "1")
+    second = gc_s3(s3_server, bucket, "--keep-days", "0", "--grace", "0")
     assert f"removed {len(built)} blobs" in second and "dropped 1 tombstones" in second
     for gone in (
         "blobs/",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,14 +44,53 @@ def test_failures_keep_stderr_and_a_broken_listener_is_harmless() -> None:
     assert err.value.stderr == "boom\n"
 
 
+def group_members(pgid: int) -> set[int]:
+    """Live processes (not zombies) in process group `pgid`, from /proc."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after it.
+        state, _ppid, pgrp = stat.rpartition(")")[2].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.add(int(entry.name))
+    return members
+
+
 def test_timeout_kills_the_group_and_keeps_what_was_said() -> None:
     lines: list[str] = []
+    running: set[int] = set()
+
+    def listen(line: str) -> None:
+        lines.append(line)
+        if line != "started":
+            running.update(group_members(int(line.split()[0])))  # while the command runs
+
     with pytest.raises(CommandTimeout) as err:
         process.run(
-            ["sh", "-c", "echo started >&2; sleep 30 & wait"], timeout=1, on_stderr=lines.append
+            ["sh", "-c", 'echo started >&2; sleep 300 & echo "$$ $!" >&2; wait'],
+            timeout=1,
+            on_stderr=listen,
         )
-    assert lines == ["started"]
     assert "started" in err.value.stderr
+    assert lines[0] == "started" and len(lines) == 2
+    shell, child = map(int, lines[1].split())
+    assert running == {shell, child}  # the shell leads its own group; its child is in it
+    # Both are gone once the call returns (SIGKILL may take a moment to land).
+    assert wait_until_empty(lambda: group_members(shell)), group_members(shell)
+
+
+def wait_until_empty(probe: Callable[[], set[int]], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while probe():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_large_output_on_both_streams_does_not_deadlock() -> None:

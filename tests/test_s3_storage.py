@@ -11,7 +11,10 @@ import tracemalloc
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
 
+import botocore.auth
 import pytest
 
 from nixery.storage.base import StorageError
@@ -77,7 +80,7 @@ def test_documents_round_trip_and_prefixes_isolate(s3_server: S3Server, bucket: 
 def test_small_blob_is_one_put_and_redirects_to_a_presigned_url(
     s3_server: S3Server, bucket: str
 ) -> None:
-    st = storage(s3_server, bucket, presign_expiry=2)
+    st = storage(s3_server, bucket, presign_expiry=600)
     digest = st.put_blob(b"hello blob")
     assert digest == "sha256:" + hashlib.sha256(b"hello blob").hexdigest()
     assert s3_server.keys(bucket) == {f"blobs/sha256/{digest[7:]}": 10}
@@ -93,10 +96,31 @@ def test_small_blob_is_one_put_and_redirects_to_a_presigned_url(
     )
     assert fetch(forged)[0] == 403
     assert fetch(location.url.split("?")[0])[0] == 403
-    time.sleep(3)
-    assert fetch(location.url)[0] == 403, "the URL outlived --s3-presign-expiry"
+    assert parse_qs(urlsplit(location.url).query)["X-Amz-Expires"] == ["600"]
     assert st.locate_blob("sha256:" + "0" * 64) is None
     assert st.read_blob("sha256:" + "0" * 64) is None
+
+
+def test_presigned_urls_expire_after_the_configured_time(
+    s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """URLs signed two minutes ago: the server refuses the one valid for one
+    minute, and serves the one valid for ten. botocore reads the signing time
+    from its own clock, which has no parameter; the test sets it back."""
+    digest = storage(s3_server, bucket).put_blob(b"hello blob")
+    current = botocore.auth.get_current_datetime
+    monkeypatch.setattr(
+        botocore.auth, "get_current_datetime",
+        lambda *args, **kwargs: current(*args, **kwargs) - timedelta(minutes=2),
+    )  # fmt: skip
+    urls = {}
+    for expiry in (60, 600):
+        location = storage(s3_server, bucket, presign_expiry=expiry).locate_blob(digest)
+        assert location is not None and location.url is not None
+        assert parse_qs(urlsplit(location.url).query)["X-Amz-Expires"] == [str(expiry)]
+        urls[expiry] = location.url
+    assert fetch(urls[600]) == (200, b"hello blob")
+    assert fetch(urls[60])[0] == 403, "the URL outlived --s3-presign-expiry"
 
 
 def test_large_blob_is_streamed_in_parts_and_published_whole(

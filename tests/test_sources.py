@@ -173,6 +173,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> PkgsRepo:
 # -- git repositories ----------------------------------------------------------
 
 
+@pytest.mark.nix
 def test_git_tags_select_versions(make_registry: MakeRegistry, tmp_path: Path) -> None:
     repo = make_pkgs_repo(tmp_path / "pkgs")
     clock = Clock()
@@ -211,6 +212,7 @@ def test_git_tags_select_versions(make_registry: MakeRegistry, tmp_path: Path) -
     assert reg.digest("hello", v3) == latest
 
 
+@pytest.mark.nix
 def test_tags_resolving_to_one_revision_build_once(
     make_registry: MakeRegistry, repo: PkgsRepo
 ) -> None:
@@ -259,6 +261,7 @@ def _commit(name: str) -> str:
     return hashlib.sha1(name.encode()).hexdigest()
 
 
+@pytest.mark.nix
 def test_channel_is_resolved_cached_and_followed(
     make_registry: MakeRegistry, channels: Channels
 ) -> None:
@@ -305,6 +308,7 @@ def test_channel_is_resolved_cached_and_followed(
     assert reg.commands.nix() == nix
 
 
+@pytest.mark.nix
 def test_channel_tag_versions(make_registry: MakeRegistry, channels: Channels) -> None:
     urls = {"channel_url": channels.tarball_url, "revision_url": channels.revision_url}
     reg = make_registry(channel="nixos-test", allow_tag_versions=True, **urls)
@@ -323,6 +327,7 @@ def test_channel_tag_versions(make_registry: MakeRegistry, channels: Channels) -
     reg.unknown("hello", "f" * 40)  # no tarball for that commit: 404 after trying to fetch it
 
 
+@pytest.mark.nix
 def test_fetched_channel_survives_a_restart(
     make_registry: MakeRegistry, channels: Channels, tmp_path: Path
 ) -> None:
@@ -344,6 +349,7 @@ def test_fetched_channel_survives_a_restart(
 # -- local paths and overlays ----------------------------------------------------
 
 
+@pytest.mark.nix
 def test_mutable_path_is_fingerprinted(make_registry: MakeRegistry, tmp_path: Path) -> None:
     pkgs = copy_package_set(tmp_path / "pkgs")
     reg = make_registry(path=str(pkgs), ttl=0)
@@ -369,6 +375,7 @@ def test_mutable_path_is_fingerprinted(make_registry: MakeRegistry, tmp_path: Pa
     reg.unknown("hello", "v1")
 
 
+@pytest.mark.nix
 def test_overlays_add_and_override(make_registry: MakeRegistry, tmp_path: Path) -> None:
     add = tmp_path / "add.nix"
     add.write_text(ADD_OVERLAY)
@@ -392,6 +399,7 @@ def test_overlays_add_and_override(make_registry: MakeRegistry, tmp_path: Path) 
 # -- flakes ------------------------------------------------------------------------
 
 
+@pytest.mark.nix
 def test_flake_from_a_path(make_registry: MakeRegistry, repo: PkgsRepo, tmp_path: Path) -> None:
     add = tmp_path / "add.nix"
     add.write_text(ADD_OVERLAY)
@@ -406,6 +414,7 @@ def test_flake_from_a_path(make_registry: MakeRegistry, repo: PkgsRepo, tmp_path
     assert reg.commands.nix() == nix
 
 
+@pytest.mark.nix
 def test_flake_git_tags(make_registry: MakeRegistry, repo: PkgsRepo) -> None:
     reg = make_registry(flake=f"git+{repo.url}")
     assert reg.version_of("hello", "hello", "v1") == "2.10"
@@ -427,6 +436,7 @@ WRAPPER_FLAKE = """{
 """
 
 
+@pytest.mark.nix
 def test_flake_inputs_need_a_lock_file(make_registry: MakeRegistry, tmp_path: Path) -> None:
     pkgs = copy_package_set(tmp_path / "pkgs")
     (pkgs / "flake.nix").write_text(FLAKE)

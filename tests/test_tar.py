@@ -11,6 +11,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from nixery.assembly import tar
 from nixery.assembly.archive import GZIP, Compression, Output, write_store_layer
 
@@ -128,3 +130,128 @@ def test_bytes_are_stable() -> None:
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         assert len(archive.getmembers()) == 5
     assert hashlib.sha256(data).hexdigest() == GOLDEN
+
+
+# -- pax records at the lengths where their decimal length gains a digit -----------------
+
+
+def pax_records(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The records of a pax `x` header, checking that every stated length is exact."""
+    size = int(head[124:135], 8)
+    body = head[tar.BLOCK : tar.BLOCK + size]
+    records = []
+    while body:
+        length_text, _, _ = body.partition(b" ")
+        length = int(length_text)
+        record = body[:length]
+        assert record.endswith(b"\n"), (length, body[:40])
+        key, _, value = record[len(length_text) + 1 : -1].partition(b"=")
+        records.append((key, value))
+        body = body[length:]
+    return records
+
+
+def names_around_boundaries(key: bytes, unit: bytes) -> list[bytes]:
+    """Values of every byte length for which the record `LEN key=value\\n` is
+    within a few bytes of 10, 100, 1000 or 10000 bytes long, built from `unit`
+    (one- or two-byte characters) and padded with ASCII to the exact length."""
+    values = []
+    for boundary in (100, 1000, 10000):
+        # A record is len(key) + len(value) + 3 bytes plus its length's digits.
+        for total in range(boundary - 6, boundary + 6):
+            for digits in (len(str(boundary - 1)), len(str(boundary))):
+                length = total - len(key) - 3 - digits
+                value = unit * (length // len(unit)) + b"x" * (length % len(unit))
+                if len(value) > 100 or not value.isascii():  # else no pax record
+                    values.append(value)
+    return sorted(set(values), key=len)
+
+
+def tarfile_member(data: bytes) -> tarfile.TarInfo:
+    with tarfile.open(fileobj=io.BytesIO(data), encoding="utf-8", errors="surrogateescape") as a:
+        members = a.getmembers()
+    assert len(members) == 1
+    return members[0]
+
+
+def gnu_tar_listing(data: bytes, tmp_path: Path) -> list[bytes]:
+    archive = tmp_path / "one.tar"
+    archive.write_bytes(data)
+    listing = subprocess.run(
+        ["tar", "--quoting-style=literal", "-tvf", str(archive)],
+        capture_output=True, check=True, env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )  # fmt: skip
+    assert listing.stderr == b""
+    return listing.stdout.splitlines()
+
+
+def one_entry(name: bytes, kind: bytes, link: bytes = b"") -> bytes:
+    data = tar.header(name, kind, 0o644 if kind == tar.REGULAR else 0o777, 1, link=link)
+    return data + tar.end(len(data))
+
+
+UNITS = {"ascii": b"a", "two-byte": "é".encode(), "three-byte": "€".encode()}
+
+
+@pytest.mark.parametrize("unit", UNITS.values(), ids=list(UNITS))
+def test_path_records_around_every_decimal_boundary(unit: bytes, tmp_path: Path) -> None:
+    names = names_around_boundaries(b"path", unit)
+    assert len(names) >= 20 and max(map(len, names)) > 9990
+    for name in names:
+        data = one_entry(name, tar.REGULAR)
+        assert pax_records(data)[-1] == (b"path", name)
+        assert os.fsencode(tarfile_member(data).name) == name
+        # tarfile writes the same header for the same entry.
+        info = tarfile.TarInfo(name.decode())
+        info.mode, info.mtime, info.uname, info.gname = 0o644, 1, "", ""
+        assert data.startswith(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    # GNU tar, for the names it can list (one at each boundary is enough to
+    # show it parses the lengths; all of them would take a while).
+    for name in names[:: max(1, len(names) // 12)]:
+        (line,) = gnu_tar_listing(one_entry(name, tar.REGULAR), tmp_path)
+        assert line.endswith(b" " + name), line[-60:]
+
+
+@pytest.mark.parametrize("unit", UNITS.values(), ids=list(UNITS))
+def test_linkpath_records_around_every_decimal_boundary(unit: bytes, tmp_path: Path) -> None:
+    targets = names_around_boundaries(b"linkpath", unit)
+    assert len(targets) >= 20
+    for target in targets:
+        data = one_entry(b"nix/store/link", tar.SYMLINK, link=target)
+        assert pax_records(data)[-1] == (b"linkpath", target)
+        member = tarfile_member(data)
+        assert member.issym() and os.fsencode(member.linkname) == target
+    for target in targets[:: max(1, len(targets) // 12)]:
+        (line,) = gnu_tar_listing(one_entry(b"nix/store/link", tar.SYMLINK, target), tmp_path)
+        assert line.endswith(b" nix/store/link -> " + target), line[-60:]
+
+
+def test_path_and_linkpath_records_in_one_header() -> None:
+    for name in names_around_boundaries(b"path", "é".encode())[:12]:
+        for target in names_around_boundaries(b"linkpath", b"l")[:12]:
+            data = one_entry(name, tar.SYMLINK, link=target)
+            assert pax_records(data) == [(b"path", name), (b"linkpath", target)]
+            member = tarfile_member(data)
+            assert (os.fsencode(member.name), os.fsencode(member.linkname)) == (name, target)
+
+
+def test_binary_names_around_the_boundaries() -> None:
+    """Names that are not UTF-8 add an `hdrcharset` record before their own."""
+    for name in names_around_boundaries(b"path", b"\xff"):
+        data = one_entry(name, tar.REGULAR)
+        assert pax_records(data) == [(b"hdrcharset", b"BINARY"), (b"path", name)]
+        assert os.fsencode(tarfile_member(data).name) == name
+
+
+def test_size_records_of_every_length() -> None:
+    """Sizes past 11 octal digits, from 10 to 20 decimal digits."""
+    for size in [8**11, 8**11 + 1, 10**10 - 1, 10**10, *(10**d + r for d in range(11, 20)
+                                                          for r in (-1, 0, 1))]:  # fmt: skip
+        if size < 8**11:
+            continue
+        head = tar.header(b"nix/store/big", tar.REGULAR, 0o644, 1, size=size)
+        assert pax_records(head) == [(b"size", b"%d" % size)]
+        # tarfile reads the size from the record (the data itself is not there).
+        with tarfile.TarFile(fileobj=io.BytesIO(head + bytes(2 * tar.BLOCK))) as archive:
+            member = archive.next()  # the first one, read when opening
+            assert member is not None and member.size == size and member.name == "nix/store/big"

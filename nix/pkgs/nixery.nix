@@ -44,8 +44,9 @@ python3Packages.buildPythonApplication {
       ../../docs
       ../../nixery
       ../../tests
-      # The unit tests check the Kubernetes manifests.
+      # The unit tests check the Kubernetes manifests, and the option table.
       ../../deploy
+      ../../docs/configuration.md
     ];
   };
 

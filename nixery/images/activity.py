@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,13 @@ class Build:
     """A build in progress. Written by its build thread, read by pages."""
 
     def __init__(
-        self, image: str, tag: str, platform: str, packages: Sequence[str], key: str
+        self,
+        image: str,
+        tag: str,
+        platform: str,
+        packages: Sequence[str],
+        key: str,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.image = image
@@ -49,7 +55,8 @@ class Build:
         self.key = key  # the image document's key, for the image page
         self.started_at = time.time()
         self._lock = threading.Lock()
-        self._t0 = time.monotonic()
+        self._clock = clock  # seconds, for durations
+        self._t0 = clock()
         self._phase_t0 = self._t0
         self._phase = "evaluating"
         self._step_seconds = dict.fromkeys(STEPS, 0.0)
@@ -63,7 +70,7 @@ class Build:
 
     def enter(self, phase: str, total: int = 0) -> None:
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._step_seconds[PHASE_STEP[self._phase]] += now - self._phase_t0
             self._phase, self._phase_t0 = phase, now
             self.done, self.total = 0, total
@@ -80,13 +87,13 @@ class Build:
             return list(self._lines)
 
     def elapsed(self) -> float:
-        return time.monotonic() - self._t0
+        return self._clock() - self._t0
 
     def step_seconds(self) -> dict[str, float]:
         """Seconds spent per step so far, the current phase included."""
         with self._lock:
             seconds = dict(self._step_seconds)
-            seconds[PHASE_STEP[self._phase]] += time.monotonic() - self._phase_t0
+            seconds[PHASE_STEP[self._phase]] += self._clock() - self._phase_t0
             return seconds
 
     def record(

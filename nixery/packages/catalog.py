@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -73,13 +74,14 @@ class Catalog:
         overlays: Sequence[str] = (),
         ttl: float = CACHE_SECONDS,
         list_timeout: float = LIST_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.nix = nix
         self.overlays = tuple(overlays)
         self.list_timeout = list_timeout
         self._lock = threading.Lock()
-        self._lookups: TTLCache[tuple[str, str, str], Lookup] = TTLCache(4096, ttl)
-        self._names: TTLCache[tuple[str, str], _Names] = TTLCache(16, ttl)
+        self._lookups: TTLCache[tuple[str, str, str], Lookup] = TTLCache(4096, ttl, clock)
+        self._names: TTLCache[tuple[str, str], _Names] = TTLCache(16, ttl, clock)
 
     def lookup(self, source: NixSource, revision: str, system: str, query: str) -> Lookup:
         """What `query` (as typed in an image name) means in the package set
