@@ -15,9 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests import s3server
 from tests.gated import GatedPackage, make_gated_package
+
+# Property tests check what is accepted, never how fast: a per-example
+# deadline only measures how busy the machine is.
+settings.register_profile("nixery", deadline=None)
+settings.load_profile("nixery")
 
 FIXTURE_PKGS = Path(__file__).parent / "fixtures" / "pkgs"
 
