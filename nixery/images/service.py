@@ -27,7 +27,7 @@ from typing import Any
 
 from nixery.assembly import archive
 from nixery.assembly.archive import Compression, Output, PackedLayer
-from nixery.assembly.layers import DEFAULT_BUDGET, LayerGroup, group_layers
+from nixery.assembly.layers import DEFAULT_BUDGET, LAYERING_VERSION, LayerGroup, group_layers
 from nixery.assembly.manifest import (
     OCI_LAYER_ZSTD,
     Descriptor,
@@ -378,10 +378,12 @@ class ImageService:
         tag: str,
         may_build: bool = True,
     ) -> Future[BuiltImage]:
+        # The layering's version too: the same inputs laid out by another
+        # version of group_layers are another image.
         key = _key(
-            FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
-            self.settings.overlays, self.settings.layer_budget, self._encoding(),
-            sorted(self.popularity.items()),
+            FORMAT_VERSION, LAYERING_VERSION, source.revision, request.packages,
+            platform.nix_system, self.settings.overlays, self.settings.layer_budget,
+            self._encoding(), sorted(self.popularity.items()),
         )  # fmt: skip
         doc_key = f"images/{key}.json"
         # The revision pins the package set, so a stored image is never stale.
