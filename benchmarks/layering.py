@@ -17,9 +17,10 @@ Two kinds of corpus:
   store paths, all within the default budget.
 
 Every corpus is laid out twice: with popularity data and without any (what
-`nixery serve` does without `--popularity`). Each is laid out by: ours (`nixery.assembly.layers.group_layers`), the
-classic algorithm (baseline.py), one layer per image, and one layer per
-store path (the ideal for sharing, which ignores the budget). The synthetic
+`nixery serve` does without `--popularity`). Each is laid out by: ours
+(`nixery.assembly.layers.group_layers`), the classic algorithm
+(baseline.py), one layer per image, and one layer per store path (the
+ideal for sharing, which ignores the budget). The synthetic
 corpora also show two reference points that are not algorithms a registry
 could run: "known" groups paths needed by the same requestable packages, as
 if every possible request had been seen; the oracle knows every image of

@@ -277,7 +277,7 @@ def test_a_closure_within_the_budget_gets_one_layer_per_path(
     layers = group_layers(g, popularity, budget=len(g.paths) + spare)
     assert len(layers) == len(g.paths)
     assert paths_of(layers) == [(p,) for p in sorted(g.paths)]
-    assert [layer.size for layer in layers] == [g.paths[layer.paths[0]].nar_size for layer in layers]
+    assert all(layer.size == g.paths[layer.paths[0]].nar_size for layer in layers)
     reordered = ClosureGraph(g.roots, dict(reversed(list(g.paths.items()))))
     assert group_layers(reordered, popularity, budget=len(g.paths) + spare) == layers
 
