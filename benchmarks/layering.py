@@ -131,10 +131,16 @@ class _Service(ImageService):
 
     layering: Layering = group_layers
 
-    def group(self, graph: ClosureGraph, packages: Sequence[ResolvedPackage]) -> list[LayerGroup]:
+    def group(
+        self,
+        graph: ClosureGraph,
+        packages: Sequence[ResolvedPackage],
+        popularity: Mapping[str, int] | None = None,
+    ) -> list[LayerGroup]:
         everywhere = {p.out for p in packages if p.attr_path in ALWAYS_INCLUDED}
+        counts = self.fixed_popularity.popularity if popularity is None else popularity
         return type(self).layering(
-            graph, self.popularity, self.settings.layer_budget, most_popular=everywhere
+            graph, counts, self.settings.layer_budget, most_popular=everywhere
         )
 
 

@@ -10,7 +10,9 @@ import pytest
 
 from nixery.assembly.archive import GZIP, Compression, Output, write_store_layer
 from nixery.assembly.layers import group_layers, path_popularity
-from nixery.images.service import BuildSettings, ImageService
+from nixery.errors import BuildNotAllowed
+from nixery.images import service as service_module
+from nixery.images.service import BuildSettings, BuiltImage, ImageService
 from nixery.packages.graph import ClosureGraph, StorePath
 from nixery.packages.names import parse_image_name
 from nixery.packages.nix import Nix, NixSource, ResolvedPackage
@@ -106,3 +108,60 @@ def test_service_ranks_cacert_and_iana_etc_most_popular(
             assert layer.paths in {(p,) for p in everywhere}
             assert layer.rating == top * layer.size
     assert layers == group_layers(graph, popularity, 94, most_popular=everywhere)
+
+
+def build_image(service: ImageService, name: str, may_build: bool = True) -> BuiltImage:
+    source = service.sources.resolve("latest")
+    request = parse_image_name(name)
+    return service.image(request, source, service.settings.platforms[0], may_build=may_build)
+
+
+@pytest.mark.parametrize("with_data", [True, False], ids=["with popularity", "without"])
+def test_images_within_the_budget_get_a_layer_per_store_path(
+    nix: Nix, popularity: Popularity, tmp_path: Path, with_data: bool
+) -> None:
+    """Built and stored by the service: every image of the fixture set fits
+    the budget, so it has one layer per store path plus the root layer."""
+    service = ImageService(
+        FilesystemStorage(tmp_path),
+        nix,
+        Sources(SourceConfig("path", str(FIXTURE_PKGS))),
+        BuildSettings(layer_budget=94),
+        popularity if with_data else None,
+    )
+    for name in ("hello", "curl", "shell/python3", "curl/git/shell/wget"):
+        _, graph = image(nix, name)
+        built = build_image(service, name)
+        assert len(built.layers) == len(graph.paths) + 1
+        assert sorted(p for layer in built.layers for p in layer.paths) == sorted(graph.paths)
+        assert all(len(layer.paths) == 1 for layer in built.layers[:-1])  # the root layer last
+    # A tighter budget than the closure: exactly that many layers, plus the root.
+    tight = ImageService(
+        FilesystemStorage(tmp_path / "tight"),
+        nix,
+        Sources(SourceConfig("path", str(FIXTURE_PKGS))),
+        BuildSettings(layer_budget=8),
+        popularity if with_data else None,
+    )
+    assert len(build_image(tight, "curl").layers) == 8 + 1
+
+
+def test_images_laid_out_by_another_layering_version_are_not_served(
+    nix: Nix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def service() -> ImageService:
+        return ImageService(
+            FilesystemStorage(tmp_path),
+            nix,
+            Sources(SourceConfig("path", str(FIXTURE_PKGS))),
+            BuildSettings(layer_budget=94),
+        )
+
+    built = build_image(service(), "hello")
+    assert build_image(service(), "hello", may_build=False) == built
+    monkeypatch.setattr(service_module, "LAYERING_VERSION", "a later one")
+    with pytest.raises(BuildNotAllowed):
+        build_image(service(), "hello", may_build=False)
+    # Built again under the new version: the same layers are reused, not packed.
+    rebuilt = service()
+    assert build_image(rebuilt, "hello") == built and rebuilt.layers_packed == 0

@@ -66,6 +66,7 @@ from nixery.packages.names import (
 )
 from nixery.packages.nix import Nix, ResolvedPackage, temporary_roots
 from nixery.packages.platforms import Platform, host_cores, host_platform
+from nixery.packages.popularity import Counts, PopularityByRevision
 from nixery.packages.sources import LATEST, ResolvedSource, Sources
 from nixery.singleflight import SingleFlight
 from nixery.storage import BlobWriter, Storage
@@ -242,14 +243,21 @@ class ImageService:
         nix: Nix,
         sources: Sources,
         settings: BuildSettings,
-        popularity: Mapping[str, int] | None = None,
+        popularity: Mapping[str, int] | PopularityByRevision | None = None,
         events: BuildEvents | None = None,
     ):
         self.storage = storage
         self.nix = nix
         self.sources = sources
         self.settings = settings
-        self.popularity = dict(popularity or {})
+        # Fixed data, or data fetched for each package set revision.
+        self.by_revision: PopularityByRevision | None = None
+        fixed: Mapping[str, int] = {}
+        if isinstance(popularity, PopularityByRevision):
+            self.by_revision = popularity
+        elif popularity is not None:
+            fixed = popularity
+        self.fixed_popularity = Counts.of(fixed)
         self.events = events or BuildEvents()
         self.catalog = Catalog(nix, settings.overlays)
         # Builds run on their own workers: a client that leaves cancels nothing.
@@ -378,12 +386,13 @@ class ImageService:
         tag: str,
         may_build: bool = True,
     ) -> Future[BuiltImage]:
+        popularity = self.popularity_for(source)
         # The layering's version too: the same inputs laid out by another
         # version of group_layers are another image.
         key = _key(
             FORMAT_VERSION, LAYERING_VERSION, source.revision, request.packages,
             platform.nix_system, self.settings.overlays, self.settings.layer_budget,
-            self._encoding(), sorted(self.popularity.items()),
+            self._encoding(), popularity.digest,
         )  # fmt: skip
         doc_key = f"images/{key}.json"
         # The revision pins the package set, so a stored image is never stale.
@@ -401,7 +410,7 @@ class ImageService:
                 key,
                 lambda: (
                     self._stored_image(doc_key)
-                    or self._build(request, source, platform, doc_key, label, tag)
+                    or self._build(request, source, platform, doc_key, label, tag, popularity)
                 ),
             )
         except QueueFull as exc:
@@ -415,6 +424,12 @@ class ImageService:
         if waiting and building >= self.settings.max_builds:
             log.info("build queue: %d building, %d waiting", building, waiting)
         return future
+
+    def popularity_for(self, source: ResolvedSource) -> Counts:
+        """The popularity data images of `source` are laid out with."""
+        if self.by_revision is None:
+            return self.fixed_popularity
+        return self.by_revision.counts(source.channel, source.revision)
 
     def _encoding(self) -> list[Any]:
         """What, beyond the input, decides the bytes of layers (part of cache keys)."""
@@ -456,6 +471,7 @@ class ImageService:
         doc_key: str,
         name: str,
         tag: str,
+        popularity: Counts,
     ) -> BuiltImage:
         image_key = doc_key.removeprefix("images/").removesuffix(".json")
         build = Build(name, tag, str(platform), request.packages, image_key)
@@ -464,7 +480,7 @@ class ImageService:
         try:
             with self._building.held():
                 built, packed, profile = self._build_steps(
-                    build, request, source, platform, doc_key
+                    build, request, source, platform, doc_key, popularity
                 )
         except Exception as exc:  # every build that starts must end on the page
             self._failed(build, exc)
@@ -491,6 +507,7 @@ class ImageService:
         source: ResolvedSource,
         platform: Platform,
         doc_key: str,
+        popularity: Counts,
     ) -> tuple[BuiltImage, list[bool], BuildProfile]:
         started = time.perf_counter()
         on_log = self._log_listener(build)
@@ -513,7 +530,7 @@ class ImageService:
                 detail["suggestions"] = suggestions
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
         evaluated = time.perf_counter()
-        built, packed, profile = self._pack(packages, platform, build)
+        built, packed, profile = self._pack(packages, platform, build, popularity.popularity)
         stored = time.perf_counter()
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
         done = time.perf_counter()
@@ -580,7 +597,11 @@ class ImageService:
         return self.catalog.lookup(self.sources.nix_source(source), source.revision, system, query)
 
     def _pack(
-        self, packages: Sequence[ResolvedPackage], platform: Platform, build: Build
+        self,
+        packages: Sequence[ResolvedPackage],
+        platform: Platform,
+        build: Build,
+        popularity: Mapping[str, int],
     ) -> tuple[BuiltImage, list[bool], BuildProfile]:
         """Build the packages and store the image; say which layers were packed
         and where the time went."""
@@ -592,7 +613,7 @@ class ImageService:
             realised = time.perf_counter()
             graph = self.nix.closure(outs)
             self._check_size(graph)
-            groups = self.group(graph, packages)
+            groups = self.group(graph, packages, popularity)
             grouped = time.perf_counter()
             self._phase(build, "packing", total=len(groups) + 1)
             jobs: list[Callable[[], _LayerResult]] = [
@@ -669,13 +690,19 @@ class ImageService:
             for future in futures:
                 future.cancel()  # after a failure: skip what has not started
 
-    def group(self, graph: ClosureGraph, packages: Sequence[ResolvedPackage]) -> list[LayerGroup]:
-        """Split the closure into package layers (the root layer comes on top)."""
+    def group(
+        self,
+        graph: ClosureGraph,
+        packages: Sequence[ResolvedPackage],
+        popularity: Mapping[str, int] | None = None,
+    ) -> list[LayerGroup]:
+        """Split the closure into package layers (the root layer comes on top);
+        `popularity` defaults to the fixed data the service was given."""
+        if popularity is None:
+            popularity = self.fixed_popularity.popularity
         # Packages in every image rank as the most popular, whatever they are called.
         everywhere = {p.out for p in packages if p.attr_path in ALWAYS_INCLUDED}
-        return group_layers(
-            graph, self.popularity, self.settings.layer_budget, most_popular=everywhere
-        )
+        return group_layers(graph, popularity, self.settings.layer_budget, most_popular=everywhere)
 
     def _store_layer(self, group: LayerGroup) -> _LayerResult:
         key = f"layers/{_key(FORMAT_VERSION, group.paths, self._encoding())}.json"
