@@ -172,16 +172,30 @@ def test_pools_follow_popularity_bands() -> None:
     g = graph(edges, list(edges), {f"{i:02d}-app{i}": 100 + i for i in range(1, 13)})
     popularity = {f"app{i}": i for i in range(1, 13)}
     layers = group_layers(g, popularity, budget=6)
-    assert len(layers) == 6
-    kept = [layer.paths for layer in layers if len(layer.paths) == 1]
-    assert kept == [names("12-app12"), names("11-app11"), names("10-app10")]
-    pools = sorted((layer.paths for layer in layers if len(layer.paths) > 1), key=len)
-    # The three largest stay whole; of four bands left, the two least popular
-    # are joined to fit three pools.
-    assert pools == [
-        names("08-app8", "09-app9"),
+    assert sorted(layer.paths for layer in layers) == [
+        # The most popular band (8-15) is pooled whole whatever its sizes.
         names("01-app1", "02-app2", "03-app3"),
-        names("04-app4", "05-app5", "06-app6", "07-app7"),
+        names("04-app4"),
+        names("05-app5"),
+        names("06-app6"),
+        names("07-app7"),
+        names("08-app8", "09-app9", "10-app10", "11-app11", "12-app12"),
+    ]
+    # Of the rest, the three largest stay whole (5-7); app4 is its band's
+    # pool, and the two least popular bands (1, 2-3) are joined to fit.
+    assert [layer.paths for layer in layers][0] == names(
+        "08-app8", "09-app9", "10-app10", "11-app11", "12-app12"
+    )  # the highest rating comes first
+    # Without data about them the apps are equally popular: the largest stay
+    # whole and the rest share one pool.
+    layers = group_layers(g, {}, budget=6)
+    assert sorted(layer.paths for layer in layers) == [
+        names("01-app1", "02-app2", "03-app3", "04-app4", "05-app5", "06-app6", "07-app7"),
+        names("08-app8"),
+        names("09-app9"),
+        names("10-app10"),
+        names("11-app11"),
+        names("12-app12"),
     ]
 
 

@@ -24,7 +24,11 @@ an image may have at most `budget` such layers.
    threshold, get their shared libraries into layers of their own this way.
 5. Over budget, the largest candidates stay whole and the rest are pooled by
    popularity band (powers of two; the least popular bands are joined until
-   `POOLS` pools remain). A merged layer is reused only by images that
+   `POOLS` pools remain). With popularity data, the most popular band (the
+   paths nearly every image has, and those in every image) is pooled whole
+   whatever the size of its paths: that pool comes out the same in most
+   images, so it is downloaded once, and the layers kept whole go to paths
+   whose sharing depends on the image. A merged layer is reused only by images that
    happen to produce exactly the same merge, which is rare, so the bytes at
    stake are the bytes pooled: pooling the smallest candidates keeps them
    few, and pooling by a band that does not depend on the image makes the
@@ -123,7 +127,7 @@ def group_layers(
     popular = {p for p in graph.paths if pops[p] >= popularity_threshold}
     split = set(graph.roots) | popular | big_closures(graph, g, big_closure_bytes)
     tops = _split_shared(g, split, dominator_layers(g, split), pops)
-    return order_layers(_pool(graph, tops, pops, bands, budget))
+    return order_layers(_pool(graph, tops, pops, bands, budget, pool_top=known))
 
 
 def closure_popularity(
@@ -269,12 +273,15 @@ def _pool(
     pops: Mapping[str, int],
     bands: Mapping[str, int],
     budget: int,
+    pool_top: bool = False,
 ) -> list[LayerGroup]:
     """Keep the largest candidates whole; pool the rest by band (a higher
-    band holds more popular paths)."""
+    band holds more popular paths). With `pool_top`, candidates of the top
+    band are the last to be kept whole, so they are pooled together."""
+    top_band = max(bands.values(), default=0)
     units = sorted(
         ((graph.total_size(members), tuple(sorted(members)), top) for top, members in tops.items()),
-        key=lambda unit: (-unit[0], unit[1]),
+        key=lambda unit: (pool_top and bands[unit[2]] == top_band, -unit[0], unit[1]),
     )
     if len(units) <= budget:
         keep = len(units)
