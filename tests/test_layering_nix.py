@@ -68,9 +68,10 @@ def test_same_closure_gives_same_layers_and_digests(nix: Nix, popularity: Popula
         {p.path: StorePath(p.path, p.nar_size, tuple(reversed(p.references))) for p in items},
     )
     for budget in (3, 94):
-        first = group_layers(graph, popularity, budget)
-        assert first == group_layers(shuffled, popularity, budget)
-        assert digests(graph, popularity, budget) == digests(shuffled, popularity, budget)
+        for counts in (popularity, {}):  # with popularity data and without
+            first = group_layers(graph, counts, budget)
+            assert first == group_layers(shuffled, counts, budget)
+            assert digests(graph, counts, budget) == digests(shuffled, counts, budget)
 
 
 def test_small_package_set_gets_one_layer_per_path(nix: Nix, popularity: Popularity) -> None:
