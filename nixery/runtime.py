@@ -62,6 +62,7 @@ def make_service(
     if settings.popularity and is_template(settings.popularity):
         # Fetched when a package set revision is first built, and optional.
         popularity = PopularityByRevision(settings.popularity, settings.source.cache_dir)
+        log.info("popularity data per package set revision from %s", settings.popularity)
     elif settings.popularity:
         popularity = load_popularity(settings.popularity)
         log.info("popularity data for %d names from %s", len(popularity), settings.popularity)
