@@ -13,9 +13,14 @@ Two kinds of corpus:
   store paths per image; layers are computed by the pure functions and a
   layer's size is the sum of its paths' NAR sizes.
 
-Each corpus is laid out by: ours (`nixery.assembly.layers.group_layers`), the
-classic algorithm (baseline.py), one layer per image, and one layer per
-store path (the ideal for sharing, which ignores the budget). The synthetic
+- small closures: a small synthetic package set whose images have 5-40
+  store paths, all within the default budget.
+
+Every corpus is laid out twice: with popularity data and without any (what
+`nixery serve` does without `--popularity`). Each is laid out by: ours
+(`nixery.assembly.layers.group_layers`), the classic algorithm
+(baseline.py), one layer per image, and one layer per store path (the
+ideal for sharing, which ignores the budget). The synthetic
 corpora also show two reference points that are not algorithms a registry
 could run: "known" groups paths needed by the same requestable packages, as
 if every possible request had been seen; the oracle knows every image of
@@ -24,7 +29,7 @@ At the default budget they also report the budget's pressure: how many
 paths lie beyond each image's largest, their share of its bytes, and how
 many groups of always-together paths they form.
 
-    .venv/bin/python benchmarks/layering.py [--budgets 94,8,4] [--skip-fixture]
+    nice .venv/bin/python benchmarks/layering.py [--budgets 94,8,4] [--skip-fixture]
 
 It prints tables; it asserts nothing except that no image has more layers
 than the budget plus the root layer.
@@ -43,14 +48,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import baseline_group_layers, one_layer_per_image, one_layer_per_path  # noqa: E402
-from synthetic import Corpus, nixpkgs_like  # noqa: E402
+from synthetic import Corpus, nixpkgs_like, small_closures  # noqa: E402
 
 from nixery.assembly.layers import DEFAULT_BUDGET, LayerGroup, group_layers  # noqa: E402
 from nixery.http.app import create_app  # noqa: E402
@@ -82,6 +87,7 @@ STRATEGIES: dict[str, Layering] = {
     "ideal": one_layer_per_path,
 }
 BUDGET_FREE = ("per image", "ideal")  # the budget does not change these
+DATA_MODES = ("with data", "no data")  # popularity data given, or none
 
 
 @dataclass
@@ -349,7 +355,7 @@ def summarize(corpus: str, budget: int, runs: dict[str, list[Pull]], extra: int)
 def print_summary(rows: list[Summary]) -> bool:
     print("\nSummary: total bytes relative to one layer per store path (the ideal)")
     head = (
-        f"{'corpus':30} {'budget':>6} {'ideal MB':>9} {'ours':>7} {'baseline':>8} "
+        f"{'corpus':32} {'budget':>6} {'ideal MB':>9} {'ours':>7} {'baseline':>8} "
         f"{'per image':>9} {'known':>7} {'oracle':>7} {'ours vs base':>12} "
         f"{'max layers ours/base':>21}"
     )
@@ -365,7 +371,7 @@ def print_summary(rows: list[Summary]) -> bool:
         within = r.max_layers["ours"] <= r.budget and r.max_layers["baseline"] <= r.budget
         ok &= within
         print(
-            f"{r.corpus[:30]:30} {r.budget:6} {ideal / 1e6:9.1f} "
+            f"{r.corpus[:32]:32} {r.budget:6} {ideal / 1e6:9.1f} "
             f"{r.totals['ours'] / ideal:7.3f} {r.totals['baseline'] / ideal:8.3f} "
             f"{r.totals['per image'] / ideal:9.3f} {references} "
             f"{r.totals['ours'] / r.totals['baseline']:12.3f} "
@@ -384,38 +390,45 @@ def run_fixture(budgets: list[int]) -> list[Summary]:
     popularity = popcount(nix, NixSource("path", str(FIXTURE_PKGS)), "x86_64-linux").popularity
     closures = fixture_closures(nix)
     print(f"fixture: popcount and closures in {time.monotonic() - started:.1f}s; pulling...")
-    fixed = {
-        n: pull_fixture(STRATEGIES[n], DEFAULT_BUDGET, popularity, closures) for n in BUDGET_FREE
-    }
+    fixed = {n: pull_fixture(STRATEGIES[n], DEFAULT_BUDGET, {}, closures) for n in BUDGET_FREE}
     rows = []
-    for budget in budgets:
-        runs = {n: pull_fixture(STRATEGIES[n], budget, popularity, closures) for n in STRATEGIES}
-        runs.update(fixed)
-        per_image_table("fixture corpus (real pulls with skopeo)", budget, runs)
-        rows.append(summarize("fixture (skopeo pulls)", budget, runs, extra=1))
+    for mode in DATA_MODES:
+        data = popularity if mode == "with data" else {}
+        for budget in budgets:
+            runs = {
+                n: pull_fixture(STRATEGIES[n], budget, data, closures)
+                for n in STRATEGIES
+                if n not in BUDGET_FREE
+            }
+            runs.update(fixed)
+            per_image_table(f"fixture corpus (real pulls with skopeo), {mode}", budget, runs)
+            rows.append(summarize(f"fixture (skopeo), {mode}", budget, runs, extra=1))
     return rows
 
 
-def run_synthetic(budgets: list[int], seeds: list[int], verbose: bool) -> list[Summary]:
+def run_synthetic(budgets: list[int], corpora: list[Corpus], verbose: bool) -> list[Summary]:
     rows = []
-    for seed in seeds:
-        corpus = nixpkgs_like(seed)
+    for corpus in corpora:
         paths = [len(g.paths) for _, g in corpus.images]
         print(
             f"\n{corpus.name}: {len(corpus.images)} images of {min(paths)}-{max(paths)} paths,"
             f" {len(corpus.popularity)} packages counted"
         )
         fixed = {n: lay_out(corpus, STRATEGIES[n], DEFAULT_BUDGET) for n in BUDGET_FREE}
-        for budget in budgets:
-            runs = {n: lay_out(corpus, STRATEGIES[n], budget) for n in ("ours", "baseline")}
-            runs.update(fixed)
-            if verbose or budget == DEFAULT_BUDGET:
-                per_image_table(corpus.name, budget, runs, show_seconds=True)
-                print_pressure(corpus, budget)
-            row = summarize(corpus.name, budget, runs, extra=0)
-            row.oracle = oracle(corpus, budget)
-            row.known = all_requests_known(corpus, budget)
-            rows.append(row)
+        for mode in DATA_MODES:
+            laid = corpus if mode == "with data" else replace(corpus, popularity={})
+            for budget in budgets:
+                runs = {n: lay_out(laid, STRATEGIES[n], budget) for n in ("ours", "baseline")}
+                runs.update(fixed)
+                title = f"{corpus.name}, {mode}"
+                if verbose or budget == DEFAULT_BUDGET:
+                    per_image_table(title, budget, runs, show_seconds=True)
+                if mode == "with data" and (verbose or budget == DEFAULT_BUDGET):
+                    print_pressure(corpus, budget)
+                row = summarize(title, budget, runs, extra=0)
+                row.oracle = oracle(corpus, budget)
+                row.known = all_requests_known(corpus, budget)
+                rows.append(row)
     return rows
 
 
@@ -423,12 +436,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", default=f"{DEFAULT_BUDGET},8,4")
     parser.add_argument("--seeds", default="1,2", help="synthetic corpora to build")
+    parser.add_argument("--small-seeds", default="1", help="small-closure corpora to build")
     parser.add_argument("--skip-fixture", action="store_true", help="no Nix, no skopeo")
     parser.add_argument("--verbose", action="store_true", help="per-image synthetic tables")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
     rows = [] if args.skip_fixture else run_fixture(budgets)
-    rows += run_synthetic(budgets, [int(s) for s in args.seeds.split(",")], args.verbose)
+    corpora = [nixpkgs_like(int(s)) for s in args.seeds.split(",") if s]
+    corpora += [small_closures(int(s)) for s in args.small_seeds.split(",") if s]
+    rows += run_synthetic(budgets, corpora, args.verbose)
     if not print_summary(rows):
         sys.exit("some image has more layers than the budget")
 

@@ -132,3 +132,36 @@ def nixpkgs_like(seed: int, images: int = 24, chain: float = 0.6, sigma: float =
     return Corpus(
         f"synthetic seed {seed}", corpus, popularity, frozenset((cacert, iana)), requestable
     )
+
+
+def small_closures(seed: int, images: int = 24) -> Corpus:
+    """A small package set (a C library, a few dozen libraries, tools on
+    top) whose images have 5-40 store paths: every closure fits the default
+    budget, as with an internal package set of a few services."""
+    rng = random.Random(seed)
+    u = _Universe(rng, sigma=1.5)
+    glibc = u.add("glibc-2.38", 30 * MB, [])
+    libs = [glibc]
+    for i in range(40):
+        libs.append(u.add(f"slib{i}-{i % 5}.1", u.size(1 * MB), [glibc, *u.pick(libs, 3)]))
+    tools = [
+        u.add(f"tool{i}-{i % 4}.2", u.size(3 * MB), [glibc, *u.pick(libs[1:], rng.randint(1, 6))])
+        for i in range(60)
+    ]
+    cacert = u.add("nss-cacert-3.95", 500 * KB, [])
+    iana = u.add("iana-etc-20231227", 600 * KB, [])
+    popularity = count_popularity(u.graph(list(u.refs)))
+    for top_level in (cacert, iana):
+        popularity.pop(top_level.split("-", 1)[1], None)
+    corpus: list[tuple[str, ClosureGraph]] = []
+    weights = [1 / (i + 1) ** 0.8 for i in range(len(tools))]
+    while len(corpus) < images:
+        roots = u.pick(tools, rng.randint(1, 3), weights) + [cacert, iana]
+        graph = u.graph(roots)
+        if not 5 <= len(graph.paths) <= 40:
+            continue
+        corpus.append(("/".join(sorted(p.split("-", 1)[1] for p in roots[:-2])), graph))
+    requestable = {r: frozenset(u.graph([r]).paths) for r in [*tools, cacert, iana]}
+    return Corpus(
+        f"small closures seed {seed}", corpus, popularity, frozenset((cacert, iana)), requestable
+    )

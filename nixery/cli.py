@@ -134,7 +134,8 @@ def _layering_options(command: Any) -> Any:
         click.option(
             "--popularity",
             envvar=["NIX_POPULARITY_URL", "NIXERY_POPULARITY"],
-            help="Popularity JSON file or URL.",
+            help="Popularity JSON file or URL; a URL with {channel} or {revision} is"
+            " fetched for each package set revision.",
         ),
         click.option(
             "--layer-budget",

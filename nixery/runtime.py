@@ -18,7 +18,7 @@ from nixery.images.service import ImageService
 from nixery.ops.health import Health, storage_writable
 from nixery.ops.metrics import Metrics
 from nixery.packages.nix import Nix, default_gc_roots_dir
-from nixery.packages.popularity import load_popularity
+from nixery.packages.popularity import PopularityByRevision, is_template, load_popularity
 from nixery.packages.sources import Sources
 from nixery.storage import FilesystemStorage, Storage
 
@@ -60,8 +60,13 @@ def make_nix(settings: Settings) -> Nix:
 def make_service(
     settings: Settings, events: BuildEvents | None = None, storage: Storage | None = None
 ) -> ImageService:
-    popularity = load_popularity(settings.popularity) if settings.popularity else {}
-    if settings.popularity:
+    popularity: dict[str, int] | PopularityByRevision = {}
+    if settings.popularity and is_template(settings.popularity):
+        # Fetched when a package set revision is first built, and optional.
+        popularity = PopularityByRevision(settings.popularity, settings.source.cache_dir)
+        log.info("popularity data per package set revision from %s", settings.popularity)
+    elif settings.popularity:
+        popularity = load_popularity(settings.popularity)
         log.info("popularity data for %d names from %s", len(popularity), settings.popularity)
     build = BuildSettings(
         layer_budget=settings.layer_budget,

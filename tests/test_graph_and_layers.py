@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nixery.assembly.layers import LayerGroup, group_layers, path_popularity
 from nixery.packages.graph import ClosureGraph, StorePath, parse_registration, store_path_name
@@ -36,6 +38,11 @@ def test_closure_must_be_closed() -> None:
         graph({"a-x": ["b-y"]}, ["a-x"])
 
 
+def flat(edges: dict[str, list[str]]) -> dict[str, int]:
+    """Popularity data that tells no path apart: dominators alone group."""
+    return {n.split("-", 1)[1]: 1 for n in edges}
+
+
 def paths_of(layers: list[LayerGroup]) -> list[tuple[str, ...]]:
     return sorted(layer.paths for layer in layers)
 
@@ -51,7 +58,7 @@ def test_diamond_shared_dependency_is_its_own_layer() -> None:
         "1-app": ["2-liba"], "2-liba": ["4-glibc"],
         "5-tool": ["3-libb"], "3-libb": ["4-glibc"], "4-glibc": [],
     }  # fmt: skip
-    layers = group_layers(graph(edges, ["1-app", "5-tool"]), {}, budget=10)
+    layers = group_layers(graph(edges, ["1-app", "5-tool"]), flat(edges), budget=3)
     assert paths_of(layers) == [
         names("1-app", "2-liba"),
         names("3-libb", "5-tool"),
@@ -62,7 +69,7 @@ def test_diamond_shared_dependency_is_its_own_layer() -> None:
 def test_diamond_under_one_root_is_one_layer() -> None:
     edges = {"1-app": ["2-liba", "3-libb"], "2-liba": ["4-glibc"], "3-libb": ["4-glibc"]}
     edges["4-glibc"] = []
-    layers = group_layers(graph(edges, ["1-app"]), {}, budget=10)
+    layers = group_layers(graph(edges, ["1-app"]), flat(edges), budget=3)
     assert paths_of(layers) == [names(*edges)]
 
 
@@ -74,7 +81,7 @@ def test_shared_deep_dependency_takes_what_only_it_reaches() -> None:
         "d-tool": ["e-libd"], "e-libd": ["z-zlib"],
         "z-zlib": ["g-glibc"], "g-glibc": [],
     }  # fmt: skip
-    layers = group_layers(graph(edges, ["a-app", "d-tool"]), {}, budget=10)
+    layers = group_layers(graph(edges, ["a-app", "d-tool"]), flat(edges), budget=3)
     assert paths_of(layers) == [
         names("a-app", "b-liba", "c-libc2"),
         names("d-tool", "e-libd"),
@@ -86,41 +93,49 @@ def test_popular_and_big_paths_get_their_own_layers() -> None:
     edges = {"1-app": ["2-glibc", "3-big"], "2-glibc": [], "3-big": ["4-dep"], "4-dep": []}
     g = graph(edges, ["1-app"], {"3-big": 80, "4-dep": 30})
     # Dominated by the app, but popular: an edge from the root splits it off.
-    layers = group_layers(g, {"glibc": 100}, budget=10, big_closure_bytes=10**9)
+    layers = group_layers(g, {"glibc": 100}, budget=3, big_closure_bytes=10**9)
     assert paths_of(layers) == [names("1-app", "3-big", "4-dep"), names("2-glibc")]
     # Closure of 3-big is 110 bytes: over the threshold, it becomes a layer
     # with the dependency only it reaches; the app's closure counts too.
-    layers = group_layers(g, {"glibc": 99}, budget=10, big_closure_bytes=109)
+    layers = group_layers(g, {"glibc": 99}, budget=3, big_closure_bytes=109)
     assert paths_of(layers) == [names("1-app"), names("2-glibc"), names("3-big", "4-dep")]
     # The threshold is a parameter; an equally popular app keeps step 4 out.
     counts = {"glibc": 100, "app": 100}
-    layers = group_layers(g, counts, budget=10, popularity_threshold=101)
+    layers = group_layers(g, counts, budget=3, popularity_threshold=101)
     assert paths_of(layers) == [names(*edges)]
-    layers = group_layers(g, counts, budget=10, popularity_threshold=100)
+    layers = group_layers(g, counts, budget=3, popularity_threshold=100)
     assert paths_of(layers) == [names("1-app", "3-big", "4-dep"), names("2-glibc")]
 
 
 def test_paths_more_popular_than_their_layer_are_split_off() -> None:
-    edges = {"1-app": ["2-libssl"], "2-libssl": ["3-zlib"], "3-zlib": []}
-    g = graph(edges, ["1-app"], {"1-app": 300, "2-libssl": 200, "3-zlib": 100})
-    popularity = {"libssl": 5, "zlib": 9, "app": 1}
+    edges = {"1-app": ["2-libssl"], "2-libssl": ["3-zlib"], "3-zlib": [], "4-tool": []}
+    sizes = {"1-app": 300, "2-libssl": 200, "3-zlib": 100, "4-tool": 50}
+    g = graph(edges, ["1-app", "4-tool"], sizes)
+    popularity = {"libssl": 5, "zlib": 9, "app": 1, "tool": 1}
+    # Four candidates for three layers: the largest stays whole, the others
+    # are pooled by popularity band, the two least popular bands joined.
     assert paths_of(group_layers(g, popularity, budget=3)) == [
-        names("1-app"), names("2-libssl"), names("3-zlib")
+        names("1-app"), names("2-libssl", "4-tool"), names("3-zlib")
     ]  # fmt: skip
     # The split does not depend on the budget: over it, the largest layer
     # stays whole and the others are pooled.
     assert paths_of(group_layers(g, popularity, budget=2)) == [
-        names("1-app"), names("2-libssl", "3-zlib")
+        names("1-app"), names("2-libssl", "3-zlib", "4-tool")
     ]  # fmt: skip
-    # No counts: nothing is known to be shared, so the layer stays whole.
-    assert paths_of(group_layers(g, {}, budget=3)) == [names(*edges)]
     # Equally popular: whoever needs the library also needs the app.
-    assert paths_of(group_layers(g, {"app": 4, "libssl": 4, "zlib": 4}, budget=3)) == [
-        names(*edges)
-    ]
+    even = {"app": 4, "libssl": 4, "zlib": 4, "tool": 4}
+    assert paths_of(group_layers(g, even, budget=3)) == [
+        names("1-app", "2-libssl", "3-zlib"), names("4-tool")
+    ]  # fmt: skip
     # Only zlib is more popular than the app; libssl stays with the app.
-    assert paths_of(group_layers(g, {"app": 4, "libssl": 4, "zlib": 5}, budget=3)) == [
-        names("1-app", "2-libssl"), names("3-zlib")
+    assert paths_of(group_layers(g, even | {"zlib": 5}, budget=3)) == [
+        names("1-app", "2-libssl"), names("3-zlib"), names("4-tool")
+    ]  # fmt: skip
+    # No counts: a path is as popular as the paths of the closure needing
+    # it, so zlib (three) and libssl (two) are split off the app (one); the
+    # two that half of the closure needs share a pool.
+    assert paths_of(group_layers(g, {}, budget=3)) == [
+        names("1-app"), names("2-libssl", "3-zlib"), names("4-tool")
     ]  # fmt: skip
 
 
@@ -134,18 +149,20 @@ def test_every_budget_from_one_to_beyond_the_candidates() -> None:
     sizes = {f"a{i}-app{i}": 1000 * (i + 1) for i in range(10)}
     g = graph(edges, roots, sizes)
     popularity = {f"app{i}": 2**i for i in range(10)} | {"shared": 5000}
-    unlimited = group_layers(g, popularity, budget=100)
-    assert len(unlimited) == 11
-    for budget in range(1, 14):
+    candidates = group_layers(g, popularity, budget=20)  # one fewer than the paths
+    assert len(candidates) == 11
+    for budget in range(1, 23):
         layers = group_layers(g, popularity, budget=budget)
-        assert len(layers) == min(budget, 11)
+        assert len(layers) == (21 if budget >= 21 else min(budget, 11))
         assert sorted(p for layer in layers for p in layer.paths) == sorted(g.paths)
         assert all(layer.size == g.total_size(layer.paths) for layer in layers)
-        if budget >= 11:
-            assert paths_of(layers) == paths_of(unlimited)
+        if budget >= 21:
+            assert paths_of(layers) == [(p,) for p in sorted(g.paths)]
+        elif budget >= 11:
+            assert paths_of(layers) == paths_of(candidates)
         else:
             # The largest candidates stay whole; the rest are pooled.
-            whole = sorted(unlimited, key=lambda layer: -layer.size)[: max(budget - 3, 0)]
+            whole = sorted(candidates, key=lambda layer: -layer.size)[: max(budget - 3, 0)]
             assert {layer.paths for layer in whole} <= {layer.paths for layer in layers}
 
 
@@ -155,16 +172,30 @@ def test_pools_follow_popularity_bands() -> None:
     g = graph(edges, list(edges), {f"{i:02d}-app{i}": 100 + i for i in range(1, 13)})
     popularity = {f"app{i}": i for i in range(1, 13)}
     layers = group_layers(g, popularity, budget=6)
-    assert len(layers) == 6
-    kept = [layer.paths for layer in layers if len(layer.paths) == 1]
-    assert kept == [names("12-app12"), names("11-app11"), names("10-app10")]
-    pools = sorted((layer.paths for layer in layers if len(layer.paths) > 1), key=len)
-    # The three largest stay whole; of four bands left, the two least popular
-    # are joined to fit three pools.
-    assert pools == [
-        names("08-app8", "09-app9"),
+    assert sorted(layer.paths for layer in layers) == [
+        # The most popular band (8-15) is pooled whole whatever its sizes.
         names("01-app1", "02-app2", "03-app3"),
-        names("04-app4", "05-app5", "06-app6", "07-app7"),
+        names("04-app4"),
+        names("05-app5"),
+        names("06-app6"),
+        names("07-app7"),
+        names("08-app8", "09-app9", "10-app10", "11-app11", "12-app12"),
+    ]
+    # Of the rest, the three largest stay whole (5-7); app4 is its band's
+    # pool, and the two least popular bands (1, 2-3) are joined to fit.
+    assert [layer.paths for layer in layers][0] == names(
+        "08-app8", "09-app9", "10-app10", "11-app11", "12-app12"
+    )  # the highest rating comes first
+    # Without data about them the apps are equally popular: the largest stay
+    # whole and the rest share one pool.
+    layers = group_layers(g, {}, budget=6)
+    assert sorted(layer.paths for layer in layers) == [
+        names("01-app1", "02-app2", "03-app3", "04-app4", "05-app5", "06-app6", "07-app7"),
+        names("08-app8"),
+        names("09-app9"),
+        names("10-app10"),
+        names("11-app11"),
+        names("12-app12"),
     ]
 
 
@@ -228,3 +259,83 @@ def test_big_closures_are_the_paths_whose_whole_closure_passes_the_threshold() -
         for threshold in (0, 500, 5_000, 50_000, g.total_size() - 1, g.total_size()):
             expected = {p for p in g.paths if g.total_size(nx.descendants(dg, p) | {p}) > threshold}
             assert big_closures(g, dg, threshold) == expected
+
+
+@st.composite
+def closures(draw: st.DrawFn, max_paths: int = 40) -> ClosureGraph:
+    """A random closure: each path refers to some of the paths before it."""
+    n = draw(st.integers(1, max_paths))
+    edges = {
+        f"{i:03d}-p{i % 7}": [f"{j:03d}-p{j % 7}" for j in draw(st.sets(st.integers(0, i - 1)))]
+        if i
+        else []
+        for i in range(n)
+    }
+    sizes = {name: draw(st.integers(1, 10**6)) for name in edges}
+    # Every path is needed: the unreferenced ones are requested, and some more.
+    referenced = {ref for refs in edges.values() for ref in refs}
+    roots = {name for name in edges if name not in referenced}
+    roots |= draw(st.sets(st.sampled_from(sorted(edges)), max_size=3))
+    return graph(edges, sorted(roots), sizes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(closures(), st.integers(0, 30), st.booleans())
+def test_a_closure_within_the_budget_gets_one_layer_per_path(
+    g: ClosureGraph, spare: int, with_data: bool
+) -> None:
+    # With popularity data about every name, and without any: both ways
+    # each path is a layer of its own, in an order that does not depend on
+    # how the closure was listed.
+    popularity = {f"p{i}": 10 * i for i in range(7)} if with_data else {}
+    layers = group_layers(g, popularity, budget=len(g.paths) + spare)
+    assert len(layers) == len(g.paths)
+    assert paths_of(layers) == [(p,) for p in sorted(g.paths)]
+    assert all(layer.size == g.paths[layer.paths[0]].nar_size for layer in layers)
+    reordered = ClosureGraph(g.roots, dict(reversed(list(g.paths.items()))))
+    assert group_layers(reordered, popularity, budget=len(g.paths) + spare) == layers
+
+
+@settings(max_examples=60, deadline=None)
+@given(closures(max_paths=60), st.integers(1, 12), st.booleans())
+def test_a_closure_over_the_budget_fills_it_with_every_path_once(
+    g: ClosureGraph, budget: int, with_data: bool
+) -> None:
+    popularity = {f"p{i}": 10 * i for i in range(7)} if with_data else {}
+    layers = group_layers(g, popularity, budget=budget)
+    assert 1 <= len(layers) <= budget
+    assert sorted(p for layer in layers for p in layer.paths) == sorted(g.paths)
+
+
+@settings(max_examples=40, deadline=None)
+@given(closures(max_paths=60))
+def test_closure_popularity_counts_the_paths_needing_each_path(g: ClosureGraph) -> None:
+    """Checked against the definition: each path's ancestors, plus itself."""
+    import networkx as nx
+
+    from nixery.assembly.layers import ROOT, closure_popularity, dependency_graph
+
+    dg = dependency_graph(g)
+    counts = closure_popularity(g, dg)
+    assert counts == {p: len(nx.ancestors(dg, p) - {ROOT}) + 1 for p in g.paths}
+    everywhere = {sorted(g.paths)[0]}
+    ranked = closure_popularity(g, dg, everywhere)
+    assert ranked[sorted(g.paths)[0]] == max(counts.values()) + 1
+
+
+def test_without_data_grouping_is_stable_under_input_order() -> None:
+    edges = {f"{i:02d}-p": [f"{j:02d}-p" for j in range(i + 1, min(i + 4, 40))] for i in range(40)}
+    g = graph(edges, ["00-p", "07-p", "21-p"], {f"{i:02d}-p": 10 + i % 7 for i in range(40)})
+    shuffled = ClosureGraph(
+        tuple(reversed(g.roots)),
+        {
+            p: StorePath(p, info.nar_size, tuple(reversed(info.references)))
+            for p, info in reversed(list(g.paths.items()))
+        },
+    )
+    for budget in (1, 3, 8, 39, 40, 94):
+        first = group_layers(g, {}, budget)
+        assert len(first) == (40 if budget >= 40 else budget)
+        assert first == group_layers(shuffled, {}, budget)
+        # Data about names outside the closure is no data about it.
+        assert first == group_layers(g, {"unrelated": 7}, budget)

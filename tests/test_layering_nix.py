@@ -10,7 +10,9 @@ import pytest
 
 from nixery.assembly.archive import GZIP, Compression, Output, write_store_layer
 from nixery.assembly.layers import LayerGroup, group_layers, path_popularity
-from nixery.images.model import BuildSettings
+from nixery.errors import BuildNotAllowed
+from nixery.images import queue as queue_module
+from nixery.images.model import BuildSettings, BuiltImage
 from nixery.images.service import ImageService
 from nixery.packages.graph import ClosureGraph, StorePath
 from nixery.packages.names import parse_image_name
@@ -67,9 +69,10 @@ def test_same_closure_gives_same_layers_and_digests(nix: Nix, popularity: Popula
         {p.path: StorePath(p.path, p.nar_size, tuple(reversed(p.references))) for p in items},
     )
     for budget in (3, 94):
-        first = group_layers(graph, popularity, budget)
-        assert first == group_layers(shuffled, popularity, budget)
-        assert digests(graph, popularity, budget) == digests(shuffled, popularity, budget)
+        for counts in (popularity, {}):  # with popularity data and without
+            first = group_layers(graph, counts, budget)
+            assert first == group_layers(shuffled, counts, budget)
+            assert digests(graph, counts, budget) == digests(shuffled, counts, budget)
 
 
 def test_small_package_set_gets_one_layer_per_path(nix: Nix, popularity: Popularity) -> None:
@@ -125,3 +128,60 @@ def test_service_builds_with_the_layering_it_is_given(nix: Nix, tmp_path: Path) 
     source = service.sources.resolve("latest")
     built = service.image(parse_image_name("hello"), source, service.settings.platforms[0])
     assert [layer.paths for layer in built.layers] == [tuple(sorted(graph.paths)), ()]
+
+
+def build_image(service: ImageService, name: str, may_build: bool = True) -> BuiltImage:
+    source = service.sources.resolve("latest")
+    request = parse_image_name(name)
+    return service.image(request, source, service.settings.platforms[0], may_build=may_build)
+
+
+@pytest.mark.parametrize("with_data", [True, False], ids=["with popularity", "without"])
+def test_images_within_the_budget_get_a_layer_per_store_path(
+    nix: Nix, popularity: Popularity, tmp_path: Path, with_data: bool
+) -> None:
+    """Built and stored by the service: every image of the fixture set fits
+    the budget, so it has one layer per store path plus the root layer."""
+    service = ImageService(
+        FilesystemStorage(tmp_path),
+        nix,
+        Sources(SourceConfig("path", str(FIXTURE_PKGS))),
+        BuildSettings(layer_budget=94),
+        popularity if with_data else None,
+    )
+    for name in ("hello", "curl", "shell/python3", "curl/git/shell/wget"):
+        _, graph = image(nix, name)
+        built = build_image(service, name)
+        assert len(built.layers) == len(graph.paths) + 1
+        assert sorted(p for layer in built.layers for p in layer.paths) == sorted(graph.paths)
+        assert all(len(layer.paths) == 1 for layer in built.layers[:-1])  # the root layer last
+    # A tighter budget than the closure: exactly that many layers, plus the root.
+    tight = ImageService(
+        FilesystemStorage(tmp_path / "tight"),
+        nix,
+        Sources(SourceConfig("path", str(FIXTURE_PKGS))),
+        BuildSettings(layer_budget=8),
+        popularity if with_data else None,
+    )
+    assert len(build_image(tight, "curl").layers) == 8 + 1
+
+
+def test_images_laid_out_by_another_layering_version_are_not_served(
+    nix: Nix, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def service() -> ImageService:
+        return ImageService(
+            FilesystemStorage(tmp_path),
+            nix,
+            Sources(SourceConfig("path", str(FIXTURE_PKGS))),
+            BuildSettings(layer_budget=94),
+        )
+
+    built = build_image(service(), "hello")
+    assert build_image(service(), "hello", may_build=False) == built
+    monkeypatch.setattr(queue_module, "LAYERING_VERSION", "a later one")
+    with pytest.raises(BuildNotAllowed):
+        build_image(service(), "hello", may_build=False)
+    # Built again under the new version: the same layers are reused, not packed.
+    rebuilt = service()
+    assert build_image(rebuilt, "hello") == built and rebuilt.layers_packed == 0

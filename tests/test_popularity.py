@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -17,8 +18,16 @@ import pytest
 from nixery.errors import CommandError, ConfigError
 from nixery.packages import process
 from nixery.packages.graph import store_path_name
-from nixery.packages.popularity import load_popularity, parse_popularity
-from tests.conftest import FIXTURE_PKGS, StartServer, free_port
+from nixery.packages.popularity import (
+    NO_DATA,
+    PopularityByRevision,
+    is_template,
+    load_popularity,
+    parse_popularity,
+)
+from tests.conftest import FIXTURE_PKGS, Server, StartServer, free_port
+from tests.http import Reply, call
+from tests.sourcefixtures import channel_server, copy_package_set, tarball
 
 
 @pytest.mark.parametrize(
@@ -58,8 +67,10 @@ def test_missing_file_and_unsupported_scheme(tmp_path: Path) -> None:
 
 class _Files(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
+    requests: list[str] = []
 
     def do_GET(self) -> None:  # noqa: N802 (the handler API)
+        self.requests.append(self.path)
         body = self.files.get(self.path)
         self.send_response(200 if body is not None else 404)
         self.end_headers()
@@ -73,6 +84,7 @@ class _Files(http.server.BaseHTTPRequestHandler):
 def web() -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 serving `_Files.files`."""
     _Files.files = {"/pop.json": b'{"glibc-2.36": 7}', "/bad.json": b"<html>"}
+    _Files.requests = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -89,6 +101,66 @@ def test_urls(web: str) -> None:
         load_popularity(web + "/bad.json")
     with pytest.raises(ConfigError, match="cannot fetch popularity data"):
         load_popularity(f"http://127.0.0.1:{free_port()}/pop.json", timeout=5)
+
+
+OCI = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+
+def get_manifest(server: Server, name: str) -> Reply:
+    return call(server.host, "GET", f"/v2/{name}/manifests/latest", OCI)
+
+
+COMMIT = "a" * 40
+OTHER = "b" * 40
+
+
+def test_a_template_is_fetched_once_per_revision_and_kept_on_disk(web: str, tmp_path: Path) -> None:
+    _Files.files["/pop-nixos-23.11-" + COMMIT + ".json"] = b'{"glibc-2.38": 9}'
+    _Files.files["/pop-nixos-23.11-" + OTHER + ".json"] = b'{"glibc-2.38": 4}'
+    template = web + "/pop-{channel}-{revision}.json"
+    assert is_template(template) and not is_template(web + "/pop.json")
+    data = PopularityByRevision(template, str(tmp_path))
+    first = data.counts("nixos-23.11", f"commit:{COMMIT}")
+    assert first.popularity == {"glibc-2.38": 9}
+    # Overlays change the revision, not the package set the data counts.
+    assert data.counts("nixos-23.11", f"commit:{COMMIT}+overlays:1234") == first
+    assert _Files.requests == ["/pop-nixos-23.11-" + COMMIT + ".json"]
+    other = data.counts("nixos-23.11", f"commit:{OTHER}")
+    assert other.popularity == {"glibc-2.38": 4} and other.digest != first.digest
+    assert len(_Files.requests) == 2
+    # A restart (or another replica sharing the directory) reads the disk.
+    again = PopularityByRevision(template, str(tmp_path))
+    assert again.counts("nixos-23.11", f"commit:{COMMIT}") == first
+    assert again.fetches == 0 and len(_Files.requests) == 2
+
+
+def test_a_template_without_data_lays_out_without_it(
+    web: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    data = PopularityByRevision(
+        web + "/pop-{revision}.json", str(tmp_path), retry_after=60, clock=lambda: now[0]
+    )
+    assert data.counts(None, f"commit:{COMMIT}") == NO_DATA
+    assert "without popularity data" in caplog.text and "HTTP 404" in caplog.text
+    assert data.counts(None, f"commit:{COMMIT}") == NO_DATA
+    assert len(_Files.requests) == 1  # a failure is not retried at once
+    _Files.files[f"/pop-{COMMIT}.json"] = b'{"zlib-1.3": 2}'
+    now[0] = 61.0
+    assert data.counts(None, f"commit:{COMMIT}").popularity == {"zlib-1.3": 2}
+    assert len(_Files.requests) == 2
+    # Invalid data is no data either, and is not kept.
+    _Files.files[f"/pop-{OTHER}.json"] = b"<html>"
+    assert data.counts(None, f"commit:{OTHER}") == NO_DATA
+    assert "not valid JSON" in caplog.text
+    assert len(os.listdir(tmp_path / "popularity")) == 1  # no temporary files left
+    # A source with no channel (or no commit) cannot fill the template in.
+    by_channel = PopularityByRevision(web + "/{channel}.json", str(tmp_path))
+    assert by_channel.counts(None, f"commit:{COMMIT}") == NO_DATA
+    assert data.counts(None, "path:/srv/pkgs@1234") == NO_DATA
+    assert len(_Files.requests) == 3 and by_channel.fetches == 0
+    # Nothing from the request reaches the URL unquoted.
+    assert by_channel.url("a/../b?c", "commit:" + COMMIT) == web + "/a%2F..%2Fb%3Fc.json"
 
 
 def serve_argv(*args: str) -> list[str]:
@@ -172,3 +244,35 @@ def test_popcount_reports_bad_sources(tmp_path: Path) -> None:
     broken.write_text('{ system, ... }: throw "no package set here"')
     failed = popcount("--pkgs-path", str(broken))
     assert failed.returncode == 1 and "no package set here" in failed.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.nix
+def test_server_fetches_popularity_per_channel_revision(
+    start_server: StartServer, tmp_path: Path, web: str
+) -> None:
+    commit = hashlib.sha1(b"2.10").hexdigest()
+    served = f"/popularity-nixos-test-{commit}.json"
+    _Files.files[served] = b'{"glibc-2.36": 50, "hello-2.10": 3}'
+    with channel_server() as channels:
+        channels.tarballs[commit] = tarball(copy_package_set(tmp_path / "pkgs"), "nixpkgs")
+        channels.revisions["nixos-test"] = commit
+        source = ("--channel", "nixos-test", "--channel-url", channels.tarball_url,
+                  "--channel-revision-url", channels.revision_url,
+                  "--source-cache", str(tmp_path / "cache"))  # fmt: skip
+        template = web + "/popularity-{channel}-{revision}.json"
+        first = start_server(*source, "--popularity", template)
+        hello = get_manifest(first, "hello")
+        assert hello.status == 200 and get_manifest(first, "shell").status == 200
+        assert _Files.requests == [served]  # once for the revision, at the first build
+        # Another replica (or a rebuild into empty storage) reads the data
+        # kept on disk and lays the image out the same, to the digest.
+        second = start_server(*source, "--popularity", template)
+        assert get_manifest(second, "hello").body == hello.body
+        assert _Files.requests == [served]
+        # Without data for the revision the image is built all the same.
+        missing = start_server(*source, "--popularity", web + "/none-{revision}.json")
+        without = get_manifest(missing, "hello")
+        assert without.status == 200
+        assert "without popularity data" in missing.log_text()
+        assert "HTTP 404" in missing.log_text()

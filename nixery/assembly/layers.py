@@ -5,6 +5,9 @@ layer with the same digest, so store paths that many images need should sit
 in layers whose content does not depend on what else an image contains, and
 an image may have at most `budget` such layers.
 
+0. A closure that fits the budget gets one layer per store path: the
+   ideal for sharing, as no grouping can be reused more often. The rest
+   applies to closures with more paths than the budget.
 1. The closure graph gets a synthetic root with an edge to every requested
    package; every store path has an edge to each of its references.
 2. Store paths that are popular (popularity at or above a threshold) or big
@@ -21,7 +24,11 @@ an image may have at most `budget` such layers.
    threshold, get their shared libraries into layers of their own this way.
 5. Over budget, the largest candidates stay whole and the rest are pooled by
    popularity band (powers of two; the least popular bands are joined until
-   `POOLS` pools remain). A merged layer is reused only by images that
+   `POOLS` pools remain). With popularity data, the most popular band (the
+   paths nearly every image has, and those in every image) is pooled whole
+   whatever the size of its paths: that pool comes out the same in most
+   images, so it is downloaded once, and the layers kept whole go to paths
+   whose sharing depends on the image. A merged layer is reused only by images that
    happen to produce exactly the same merge, which is rare, so the bytes at
    stake are the bytes pooled: pooling the smallest candidates keeps them
    few, and pooling by a band that does not depend on the image makes the
@@ -31,6 +38,14 @@ an image may have at most `budget` such layers.
 6. Layers are ordered by merge rating (popularity of the layer's root times
    its size), highest first, because some clients reuse layers only after
    an unchanged prefix of the layer list.
+
+Without popularity data (none given, or none about any path of this
+closure), a path's popularity is how many paths of the closure need it
+(itself included): a library many packages of the image use is likely used
+by many packages of the set. Such counts differ from image to image, so
+they are not used for the pools of step 5: those are the paths most of the
+closure needs (and the paths in every image) and the rest, which keeps the
+pool of base libraries the same in many images.
 
 Steps 1-3 and 6 are the classic popularity-aware layering, which instead of
 4 and 5 merges the two layers with the lowest merge rating until in budget;
@@ -56,6 +71,10 @@ POPULARITY_THRESHOLD = 100
 BIG_CLOSURE_BYTES = 100 * 1000 * 1000
 # Pools of small candidates per image when over budget (see step 5).
 POOLS = 3
+# Part of every image's cache key: bump it whenever group_layers may return
+# other layers for the same closure, popularity data and budget, so that
+# images laid out the old way are not served as the new layout's.
+LAYERING_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -92,12 +111,56 @@ def group_layers(
     """Split `graph` into at most `budget` layers, most shareable first."""
     if budget < 1:
         raise ValueError("the layer budget must be at least 1")
-    pops = path_popularity(graph, popularity, most_popular, popularity_threshold)
     g = dependency_graph(graph)
+    known = any(info.name in popularity for info in graph.paths.values())
+    if known:
+        pops = path_popularity(graph, popularity, most_popular, popularity_threshold)
+        bands = {p: pop.bit_length() for p, pop in pops.items()}
+    else:
+        pops = closure_popularity(graph, g, most_popular)
+        bands = _closure_bands(graph, pops, most_popular)
+    if len(graph.paths) <= budget:
+        return order_layers(
+            LayerGroup((p,), info.nar_size, pops[p] * info.nar_size)
+            for p, info in graph.paths.items()
+        )
     popular = {p for p in graph.paths if pops[p] >= popularity_threshold}
     split = set(graph.roots) | popular | big_closures(graph, g, big_closure_bytes)
     tops = _split_shared(g, split, dominator_layers(g, split), pops)
-    return order_layers(_pool(graph, tops, pops, budget))
+    return order_layers(_pool(graph, tops, pops, bands, budget, pool_top=known))
+
+
+def closure_popularity(
+    graph: ClosureGraph, g: nx.DiGraph, most_popular: Collection[str] = ()
+) -> dict[str, int]:
+    """Every path's popularity within its own closure: how many of the
+    closure's paths need it, itself included; the paths in `most_popular`
+    rank above everything else."""
+    import networkx as nx
+
+    try:  # referrers first: each path's needers are its referrers' and theirs
+        order = [p for p in nx.topological_sort(g) if p != ROOT]
+    except nx.NetworkXUnfeasible:  # a cycle: count each path's ancestors directly
+        counts = {p: len(nx.ancestors(g, p) - {ROOT}) + 1 for p in graph.paths}
+    else:
+        bit = {p: 1 << i for i, p in enumerate(order)}
+        needers = dict.fromkeys(order, 0)
+        for p in order:
+            for ref in g.successors(p):
+                needers[ref] |= needers[p] | bit[p]
+        counts = {p: needers[p].bit_count() + 1 for p in order}
+    top = max(counts.values(), default=0) + 1
+    return {p: top if p in most_popular else count for p, count in counts.items()}
+
+
+def _closure_bands(
+    graph: ClosureGraph, pops: Mapping[str, int], most_popular: Collection[str]
+) -> dict[str, int]:
+    """Pooling bands without popularity data: paths at least half of the
+    closure needs (base libraries, much the same in every image) and the
+    paths in every image, then the rest."""
+    half = (len(graph.paths) + 1) // 2
+    return {p: int(p in most_popular or pops[p] >= half) for p in graph.paths}
 
 
 def dependency_graph(graph: ClosureGraph) -> nx.DiGraph:
@@ -205,25 +268,33 @@ def _split_shared(
 
 
 def _pool(
-    graph: ClosureGraph, tops: Mapping[str, set[str]], pops: Mapping[str, int], budget: int
+    graph: ClosureGraph,
+    tops: Mapping[str, set[str]],
+    pops: Mapping[str, int],
+    bands: Mapping[str, int],
+    budget: int,
+    pool_top: bool = False,
 ) -> list[LayerGroup]:
-    """Keep the largest candidates whole; pool the rest by popularity band."""
+    """Keep the largest candidates whole; pool the rest by band (a higher
+    band holds more popular paths). With `pool_top`, candidates of the top
+    band are the last to be kept whole, so they are pooled together."""
+    top_band = max(bands.values(), default=0)
     units = sorted(
         ((graph.total_size(members), tuple(sorted(members)), top) for top, members in tops.items()),
-        key=lambda unit: (-unit[0], unit[1]),
+        key=lambda unit: (pool_top and bands[unit[2]] == top_band, -unit[0], unit[1]),
     )
     if len(units) <= budget:
         keep = len(units)
     else:
         keep = budget - min(POOLS, budget - 1) if budget > 1 else 0
         # Fewer bands than pools among the rest leave room to keep more.
-        while keep < len(units) and keep + 1 + _band_count(units[keep + 1 :], pops) <= budget:
+        while keep < len(units) and keep + 1 + _band_count(units[keep + 1 :], bands) <= budget:
             keep += 1
     layers = [LayerGroup(paths, size, pops[top] * size) for size, paths, top in units[:keep]]
-    bands: dict[int, list[tuple[int, tuple[str, ...], str]]] = {}
+    pooled: dict[int, list[tuple[int, tuple[str, ...], str]]] = {}
     for unit in units[keep:]:
-        bands.setdefault(pops[unit[2]].bit_length(), []).append(unit)
-    pools = [bands[band] for band in sorted(bands, reverse=True)]
+        pooled.setdefault(bands[unit[2]], []).append(unit)
+    pools = [pooled[band] for band in sorted(pooled, reverse=True)]
     while len(layers) + len(pools) > budget:
         last = pools.pop()
         pools[-1] = pools[-1] + last  # join the two least popular bands
@@ -235,8 +306,8 @@ def _pool(
     return layers
 
 
-def _band_count(units: list[tuple[int, tuple[str, ...], str]], pops: Mapping[str, int]) -> int:
-    return min(POOLS, len({pops[top].bit_length() for _, _, top in units}))
+def _band_count(units: list[tuple[int, tuple[str, ...], str]], bands: Mapping[str, int]) -> int:
+    return min(POOLS, len({bands[top] for _, _, top in units}))
 
 
 def order_layers(layers: Iterable[LayerGroup]) -> list[LayerGroup]:

@@ -46,6 +46,7 @@ from nixery.packages.graph import ClosureGraph, store_path_name
 from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
 from nixery.packages.nix import OVERLAY_MODES, Nix, ResolvedPackage
 from nixery.packages.platforms import Platform
+from nixery.packages.popularity import Counts
 from nixery.packages.sources import ResolvedSource, Sources
 from nixery.singleflight import Count
 from nixery.storage import Storage
@@ -65,7 +66,6 @@ class BuildPipeline:
         nix: Nix,
         sources: Sources,
         settings: BuildSettings,
-        popularity: Mapping[str, int],
         events: BuildEvents,
         catalog: Catalog,
         layering: Layering = group_layers,
@@ -74,7 +74,6 @@ class BuildPipeline:
         self.nix = nix
         self.sources = sources
         self.settings = settings
-        self.popularity = popularity
         self.events = events
         self.catalog = catalog
         self.layering = layering
@@ -96,6 +95,7 @@ class BuildPipeline:
         doc_key: str,
         name: str,
         tag: str,
+        popularity: Counts,
     ) -> BuiltImage:
         image_key = doc_key.removeprefix("images/").removesuffix(".json")
         build = Build(name, tag, str(platform), request.packages, image_key)
@@ -104,7 +104,7 @@ class BuildPipeline:
         try:
             with self.running.held():
                 built, packed, profile = self._build_steps(
-                    build, request, source, platform, doc_key
+                    build, request, source, platform, doc_key, popularity
                 )
         except Exception as exc:  # every build that starts must end on the page
             self._failed(build, exc)
@@ -131,6 +131,7 @@ class BuildPipeline:
         source: ResolvedSource,
         platform: Platform,
         doc_key: str,
+        popularity: Counts,
     ) -> tuple[BuiltImage, list[bool], BuildProfile]:
         started = time.perf_counter()
         on_log = self._log_listener(build)
@@ -156,7 +157,7 @@ class BuildPipeline:
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
         evaluated = time.perf_counter()
         user = NONROOT_USER if request.nonroot else None
-        built, packed, profile = self._pack(packages, platform, build, user)
+        built, packed, profile = self._pack(packages, platform, build, popularity, user)
         stored = time.perf_counter()
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
         done = time.perf_counter()
@@ -173,6 +174,7 @@ class BuildPipeline:
         packages: Sequence[ResolvedPackage],
         platform: Platform,
         build: Build,
+        popularity: Counts,
         user: ImageUser | None = None,
     ) -> tuple[BuiltImage, list[bool], BuildProfile]:
         """Build the packages and store the image; say which layers were packed
@@ -185,7 +187,7 @@ class BuildPipeline:
             realised = time.perf_counter()
             graph = self.nix.closure(outs)
             self._check_size(graph)
-            groups = self.group(graph, packages)
+            groups = self.group(graph, packages, popularity.popularity)
             grouped = time.perf_counter()
             self._phase(build, "packing", total=len(groups) + 1)
             results = self.packer.pack(groups, packages, lambda: self._advance(build), user)
@@ -214,13 +216,16 @@ class BuildPipeline:
                 f"the image's closure is {size} bytes, over this registry's limit of {limit}",
             )
 
-    def group(self, graph: ClosureGraph, packages: Sequence[ResolvedPackage]) -> list[LayerGroup]:
+    def group(
+        self,
+        graph: ClosureGraph,
+        packages: Sequence[ResolvedPackage],
+        popularity: Mapping[str, int],
+    ) -> list[LayerGroup]:
         """Split the closure into package layers (the root layer comes on top)."""
         # Packages in every image rank as the most popular, whatever they are called.
         everywhere = {p.out for p in packages if p.attr_path in ALWAYS_INCLUDED}
-        return self.layering(
-            graph, self.popularity, self.settings.layer_budget, most_popular=everywhere
-        )
+        return self.layering(graph, popularity, self.settings.layer_budget, most_popular=everywhere)
 
     def _store_image(
         self,

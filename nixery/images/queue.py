@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 
+from nixery.assembly.layers import LAYERING_VERSION
 from nixery.assembly.manifest import referenced_digests
 from nixery.errors import BuildNotAllowed, ErrorCode, QueueFull, RegistryError
 from nixery.images.activity import BuildEvents
@@ -23,6 +24,7 @@ from nixery.images.model import FORMAT_VERSION, BuildSettings, BuiltImage, cache
 from nixery.images.pipeline import BuildPipeline
 from nixery.packages.names import ImageRequest
 from nixery.packages.platforms import Platform
+from nixery.packages.popularity import FixedPopularity, PopularityByRevision
 from nixery.packages.sources import LATEST, ResolvedSource
 from nixery.singleflight import Count, SingleFlight
 from nixery.storage import Storage
@@ -39,7 +41,7 @@ class BuildQueue:
         self,
         storage: Storage,
         settings: BuildSettings,
-        popularity: Mapping[str, int],
+        popularity: FixedPopularity | PopularityByRevision,
         events: BuildEvents,
         pipeline: BuildPipeline,
     ):
@@ -96,10 +98,13 @@ class BuildQueue:
         may_build: bool = True,
     ) -> Future[BuiltImage]:
         """The stored image, or its build queued (or joined, if one is running)."""
+        popularity = self.popularity.counts(source.channel, source.revision)
+        # The layering's version too: the same inputs laid out by another
+        # version of group_layers are another image.
         key = cache_key(
-            FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
-            self.settings.overlays, self.settings.layer_budget, self.settings.encoding(),
-            sorted(self.popularity.items()), *request.variant(),
+            FORMAT_VERSION, LAYERING_VERSION, source.revision, request.packages,
+            platform.nix_system, self.settings.overlays, self.settings.layer_budget,
+            self.settings.encoding(), popularity.digest, *request.variant(),
             *self.settings.manifest_variant(),
         )  # fmt: skip
         doc_key = f"images/{key}.json"
@@ -118,7 +123,9 @@ class BuildQueue:
                 key,
                 lambda: (
                     self._stored_image(doc_key)
-                    or self.pipeline.build(request, source, platform, doc_key, label, tag)
+                    or self.pipeline.build(
+                        request, source, platform, doc_key, label, tag, popularity
+                    )
                 ),
             )
         except QueueFull as exc:

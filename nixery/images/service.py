@@ -36,6 +36,7 @@ from nixery.packages.names import (
 )
 from nixery.packages.nix import Nix, ResolvedPackage
 from nixery.packages.platforms import Platform
+from nixery.packages.popularity import FixedPopularity, PopularityByRevision
 from nixery.packages.sources import LATEST, ResolvedSource, Sources
 from nixery.storage import Storage
 
@@ -52,7 +53,7 @@ class ImageService:
         nix: Nix,
         sources: Sources,
         settings: BuildSettings,
-        popularity: Mapping[str, int] | None = None,
+        popularity: Mapping[str, int] | PopularityByRevision | None = None,
         events: BuildEvents | None = None,
         layering: Layering = group_layers,
     ):
@@ -60,11 +61,16 @@ class ImageService:
         self.nix = nix
         self.sources = sources
         self.settings = settings
-        self.popularity = dict(popularity or {})
+        # Fixed data, or data fetched for each package set revision.
+        self.popularity = (
+            popularity
+            if isinstance(popularity, PopularityByRevision)
+            else FixedPopularity(popularity or {})
+        )
         self.events = events or BuildEvents()
         self.catalog = Catalog(nix, settings.overlays)
         self.pipeline = BuildPipeline(
-            storage, nix, sources, settings, self.popularity, self.events, self.catalog, layering
+            storage, nix, sources, settings, self.events, self.catalog, layering
         )
         self.builds = BuildQueue(storage, settings, self.popularity, self.events, self.pipeline)
 
@@ -154,9 +160,17 @@ class ImageService:
         Without `may_build`, only a stored image is returned."""
         return self.builds.image(request, source, platform, name, tag, may_build)
 
-    def group(self, graph: ClosureGraph, packages: Sequence[ResolvedPackage]) -> list[LayerGroup]:
-        """Split the closure into package layers (the root layer comes on top)."""
-        return self.pipeline.group(graph, packages)
+    def group(
+        self,
+        graph: ClosureGraph,
+        packages: Sequence[ResolvedPackage],
+        source: ResolvedSource | None = None,
+    ) -> list[LayerGroup]:
+        """Split the closure into package layers (the root layer comes on top),
+        with the popularity data of `source` (or the fixed data)."""
+        channel, revision = (source.channel, source.revision) if source else (None, "")
+        counts = self.popularity.counts(channel, revision)
+        return self.pipeline.group(graph, packages, counts.popularity)
 
     @property
     def layers_packed(self) -> int:

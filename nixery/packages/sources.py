@@ -89,6 +89,7 @@ class ResolvedSource:
 
     revision: str
     pin: Pin
+    channel: str | None = None  # the nixpkgs channel it was resolved from, if any
 
 
 def default_cache_dir() -> str:
@@ -259,7 +260,8 @@ class Sources:
         if commit is None:
             raise _unknown(tag, f"channel {name} does not exist")
         url = self.config.channel_url.replace("{rev}", commit)
-        return ResolvedSource(f"commit:{commit}", Pin("tarball", url))
+        channel = None if git.is_commit(name) else name
+        return ResolvedSource(f"commit:{commit}", Pin("tarball", url), channel)
 
     def _channel_commit(self, name: str) -> str | None:
         url = self.config.revision_url.replace("{channel}", name)
