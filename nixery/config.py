@@ -115,6 +115,7 @@ class Settings:
     max_builds: int = field(default_factory=host_cores)
     max_queue: int = 16
     max_waiting: int = 48
+    lease_ttl: float = 30.0
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -148,6 +149,7 @@ class Settings:
             max_builds=int(options.get("max_builds") or host_cores()),
             max_queue=int(options.get("max_queue", 16)),
             max_waiting=int(options.get("max_waiting", 48)),
+            lease_ttl=float(options.get("lease_ttl") or 30.0),
         )
 
 

@@ -74,6 +74,7 @@ def make_service(
         max_builds=settings.max_builds,
         max_queue=settings.max_queue,
         max_waiting=settings.max_waiting,
+        lease_ttl=settings.lease_ttl,
     )
     nix = make_nix(settings)
     return ImageService(
@@ -102,6 +103,9 @@ def make_plugins(settings: Settings) -> list[Any]:
 
 def build_app(settings: Settings) -> Bottle:
     storage = make_storage(settings)
+    # Found out now, so that a store ignoring conditional writes is logged at start.
+    if storage.leases_exclusive():
+        log.info("builds are shared with other replicas through leases in the storage")
     activity = Activity(storage)
     metrics = Metrics()
     service = make_service(settings, Fanout(activity, metrics), storage)

@@ -53,6 +53,13 @@ class Metrics(BuildEvents):
             "nixery_http_request_duration_seconds", "HTTP request latency by route.", ["route"],
             registry=r,
         )  # fmt: skip
+        self.lease_waits = Counter(
+            "nixery_lease_waits",
+            "Image builds and layer packings left to another replica that held their"
+            " lease; this one waited for the result instead.",
+            ["work"],
+            registry=r,
+        )
         self.in_progress = Gauge("nixery_builds_in_progress", "Builds running now.", registry=r)
         self.queued = Gauge(
             "nixery_builds_queued", "Requests waiting for a build that is running.", registry=r
@@ -67,6 +74,8 @@ class Metrics(BuildEvents):
                 self.cache.labels(cache, outcome)
         for kind in ("blob", "manifest"):
             self.served.labels(kind)
+        for work in CACHES:
+            self.lease_waits.labels(work)
 
     def track(self, in_progress: Callable[[], int], queued: Callable[[], int]) -> None:
         """Read the build gauges from the service when scraped."""
@@ -81,6 +90,9 @@ class Metrics(BuildEvents):
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
         self.cache.labels(cache, "hit" if hit else "miss").inc()
+
+    def lease_waited(self, work: str) -> None:
+        self.lease_waits.labels(work).inc()
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         method = method if method in METHODS else "other"
