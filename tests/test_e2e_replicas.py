@@ -186,3 +186,27 @@ def test_a_lease_left_by_a_dead_replica_does_not_stop_a_new_one(
     [_, reply] = pulls.join()
     assert reply.status == 200, reply.body[:500]
     check_blobs(fresh, json.loads(reply.body))
+
+
+def test_replicas_building_different_images_pack_their_shared_layers_once(
+    start_replica: StartReplica, gated: GatedPackage, pulls: Pulls
+) -> None:
+    # A second gated package behind the same gate: both builds wait at it,
+    # and both go on to pack at the same moment when it opens.
+    twin = "gatedtwin"
+    overlay = gated.directory / "twin.nix"
+    overlay.write_text(gated.overlay.read_text().replace(gated.name, twin))
+    first, second = (start_replica("--overlay", str(overlay)) for _ in range(2))
+    # bigdata: a layer that takes a while to pack, so that the packings overlap.
+    images = [f"bigdata/{gated.name}", f"bigdata/{twin}"]
+    pulls.start(first, images[0])
+    pulls.start(second, images[1])
+    wait_until("both builds at the gate", lambda: at_gate(first) and at_gate(second))
+    gated.open()
+    replies = pulls.join()
+    assert [r.status for r in replies] == [200, 200], [r.body[:300] for r in replies]
+    layers = [{d["digest"] for d in json.loads(r.body)["layers"]} for r in replies]
+    assert layers[0] & layers[1], "the two images were expected to share layers"
+    # Every distinct layer was packed by exactly one of the replicas.
+    packed = sum(p for _, p in builds([first, second]))
+    assert packed == len(layers[0] | layers[1])
