@@ -69,8 +69,11 @@ class Lease:
     expires: float
     token: str
 
+    def fields(self) -> dict[str, str | float]:
+        return {"holder": self.holder, "expires": self.expires}
+
     def to_json(self) -> bytes:
-        return json.dumps({"holder": self.holder, "expires": self.expires}).encode()
+        return json.dumps(self.fields()).encode()
 
 
 def parse_lease(key: str, data: bytes, token: str) -> Lease:

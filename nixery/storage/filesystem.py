@@ -300,7 +300,7 @@ class FilesystemStorage(Storage):
         """A complete temp file holding `lease`, to be linked or renamed into place."""
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="lease-")
         with os.fdopen(fd, "wb") as fh:
-            fh.write(json.dumps({"token": lease.token, **json.loads(lease.to_json())}).encode())
+            fh.write(json.dumps({**lease.fields(), "token": lease.token}).encode())
         os.chmod(tmp, 0o644)
         return tmp
 
