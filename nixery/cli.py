@@ -430,6 +430,15 @@ def main() -> None:
     "The server keeps further threads for everything else (cached images, blobs, probes).",
 )
 @click.option(
+    "--lease-ttl",
+    type=click.FloatRange(min=1),
+    default=30,
+    show_default=True,
+    envvar="NIXERY_LEASE_TTL",
+    help="Seconds after which a replica's lease on a build in the shared storage expires "
+    "if it stops renewing it (it died); another replica then takes the build over.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",

@@ -168,6 +168,7 @@ class Settings:
     max_waiting: int = 48
     nix_snapshotter: bool = False
     gc_roots_dir: str | None = None  # None: Nix's default
+    lease_ttl: float = 30.0
 
     @staticmethod
     def from_options(options: Mapping[str, Any]) -> Settings:
@@ -203,6 +204,7 @@ class Settings:
             max_waiting=int(options.get("max_waiting", 48)),
             nix_snapshotter=bool(options.get("nix_snapshotter")),
             gc_roots_dir=_absolute(options.get("gc_roots_dir")),
+            lease_ttl=float(options.get("lease_ttl") or 30.0),
         )
 
 

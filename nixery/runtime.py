@@ -81,6 +81,7 @@ def make_service(
         max_queue=settings.max_queue,
         max_waiting=settings.max_waiting,
         nix_snapshotter=settings.nix_snapshotter,
+        lease_ttl=settings.lease_ttl,
     )
     nix = make_nix(settings)
     return ImageService(
@@ -110,6 +111,9 @@ def make_plugins(settings: Settings) -> list[Any]:
 def build_app(settings: Settings, metrics: Metrics | None = None) -> Bottle:
     """`metrics`: given when the server reports into them too."""
     storage = make_storage(settings)
+    # Found out now, so that a store ignoring conditional writes is logged at start.
+    if storage.leases_exclusive():
+        log.info("builds are shared with other replicas through leases in the storage")
     activity = Activity(storage)
     metrics = metrics or Metrics()
     service = make_service(settings, Fanout(activity, metrics), storage)

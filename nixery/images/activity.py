@@ -171,6 +171,10 @@ class BuildEvents:
     def cache_lookup(self, cache: str, hit: bool) -> None:
         """A lookup in one of the caches ("image", "layer")."""
 
+    def lease_waited(self, work: str) -> None:
+        """Another replica held the lease on a build ("image") or a layer's
+        packing ("layer"): this one waited for its result instead."""
+
 
 class Fanout(BuildEvents):
     """Passes every event on to several listeners, in order."""
@@ -197,6 +201,10 @@ class Fanout(BuildEvents):
     def cache_lookup(self, cache: str, hit: bool) -> None:
         for listener in self.listeners:
             listener.cache_lookup(cache, hit)
+
+    def lease_waited(self, work: str) -> None:
+        for listener in self.listeners:
+            listener.lease_waited(work)
 
 
 class Activity(BuildEvents):

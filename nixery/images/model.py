@@ -25,6 +25,7 @@ FORMAT_VERSION = "3"
 DEFAULT_MAX_QUEUE = 16
 # Requests that may wait for builds at once: each holds a server thread.
 DEFAULT_MAX_WAITING = 48
+DEFAULT_LEASE_TTL = 30.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class BuildSettings:
     max_waiting: int = DEFAULT_MAX_WAITING  # requests waiting for builds at once
     # Annotate OCI manifests' store layers for nix-snapshotter (same layers).
     nix_snapshotter: bool = False
+    # Seconds a replica's build or layer lease outlives its last renewal.
+    lease_ttl: float = DEFAULT_LEASE_TTL
 
     def outputs(self) -> tuple[Compression, ...]:
         """The encodings every layer is stored in; gzip always comes first."""

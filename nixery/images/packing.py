@@ -3,7 +3,9 @@ compression, on a shared pool of packing threads.
 
 A layer is content addressed by its store paths, so it is stored once and
 reused by every image that holds the same group; a layer wanted by several
-builds at once is packed once.
+builds at once is packed once, in this process (`SingleFlight`) and across
+the replicas sharing the storage (`Leases`): a replica that finds another
+packing the layer waits for its record.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from nixery.assembly.layers import LayerGroup
 from nixery.assembly.rootfs import ImageUser, root_entries
 from nixery.images.activity import BuildEvents
 from nixery.images.model import FORMAT_VERSION, Blob, BuildSettings, Layer, cache_key
+from nixery.leases import Leases
 from nixery.packages.nix import ResolvedPackage
 from nixery.singleflight import SingleFlight
 from nixery.storage import BlobWriter, Storage
@@ -60,8 +63,11 @@ class _TimedSink:
 class LayerPacker:
     """Stores the layers of images, reusing those already stored."""
 
-    def __init__(self, storage: Storage, settings: BuildSettings, events: BuildEvents):
+    def __init__(
+        self, storage: Storage, settings: BuildSettings, events: BuildEvents, leases: Leases
+    ):
         self.storage = storage
+        self.leases = leases
         self.settings = settings
         self.events = events
         self._layer_flight: SingleFlight[LayerResult] = SingleFlight()
@@ -142,7 +148,20 @@ class LayerPacker:
             zstd = [cached.zstd.digest] if cached.zstd else []
             self.storage.mark_used(key, cached.digest, *zstd)
             return LayerResult(cached, None, 0.0)
-        return self._layer_flight.do(key, lambda: self._pack_layer(key, paths, write))
+        return self._layer_flight.do(
+            key,
+            lambda: self.leases.run_once(
+                key.removesuffix(".json"),
+                lambda: self._reused_layer(key),
+                lambda: self._pack_layer(key, paths, write),
+                on_wait=lambda: self.events.lease_waited("layer"),
+            ),
+        )
+
+    def _reused_layer(self, key: str) -> LayerResult | None:
+        """The layer stored meanwhile (by another flight or replica), if any."""
+        cached = self._stored_layer(key)
+        return None if cached is None else LayerResult(cached, None, 0.0)
 
     def _stored_layer(self, key: str) -> Layer | None:
         cached = self.storage.get_document(key)
@@ -160,9 +179,6 @@ class LayerPacker:
     def _pack_layer(
         self, key: str, paths: tuple[str, ...], write: Callable[[list[Output]], PackedLayer]
     ) -> LayerResult:
-        cached = self._stored_layer(key)  # packed by a flight that just ended
-        if cached is not None:
-            return LayerResult(cached, None, 0.0)
         compressions = self.settings.outputs()
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(self.storage.blob_writer()) for _ in compressions]

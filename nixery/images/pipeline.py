@@ -41,6 +41,7 @@ from nixery.errors import (
 from nixery.images.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
 from nixery.images.model import BuildProfile, BuildSettings, BuiltImage, Layer
 from nixery.images.packing import LayerPacker
+from nixery.leases import Leases
 from nixery.packages.catalog import Catalog
 from nixery.packages.graph import ClosureGraph, store_path_name
 from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
@@ -68,6 +69,7 @@ class BuildPipeline:
         settings: BuildSettings,
         events: BuildEvents,
         catalog: Catalog,
+        leases: Leases,
         layering: Layering = group_layers,
     ):
         self.storage = storage
@@ -77,7 +79,7 @@ class BuildPipeline:
         self.events = events
         self.catalog = catalog
         self.layering = layering
-        self.packer = LayerPacker(storage, settings, events)
+        self.packer = LayerPacker(storage, settings, events, leases)
         self._lock = threading.Lock()
         self._durations: deque[float] = deque(maxlen=16)
         self.running = Count()  # builds running

@@ -3,7 +3,10 @@
 An image is looked up by a key computed from everything that decides its
 bytes; a stored one is served as it is (the revision pins the package set,
 so it is never stale). Otherwise its build is queued on the build workers,
-shared by every request that wants the same image at the same time. Past
+shared by every request that wants the same image at the same time, and
+by every replica sharing the storage: the build runs under the image's
+lease (`Leases`), and a replica that finds another holding it waits for
+the stored image instead of building it again. Past
 the configured limits, requests are refused with 429 and a Retry-After of
 about one build, so server threads stay free for cached images.
 """
@@ -22,6 +25,7 @@ from nixery.errors import BuildNotAllowed, ErrorCode, QueueFull, RegistryError
 from nixery.images.activity import BuildEvents
 from nixery.images.model import FORMAT_VERSION, BuildSettings, BuiltImage, cache_key
 from nixery.images.pipeline import BuildPipeline
+from nixery.leases import Leases
 from nixery.packages.names import ImageRequest
 from nixery.packages.platforms import Platform
 from nixery.packages.popularity import FixedPopularity, PopularityByRevision
@@ -44,12 +48,14 @@ class BuildQueue:
         popularity: FixedPopularity | PopularityByRevision,
         events: BuildEvents,
         pipeline: BuildPipeline,
+        leases: Leases,
     ):
         self.storage = storage
         self.settings = settings
         self.popularity = popularity
         self.events = events
         self.pipeline = pipeline
+        self.leases = leases
         # Builds run on their own workers: a client that leaves cancels nothing.
         self._flight: SingleFlight[BuiltImage] = SingleFlight(
             settings.max_builds, settings.max_queue, "nixery-build"
@@ -121,11 +127,13 @@ class BuildQueue:
         try:
             future = self._flight.submit(
                 key,
-                lambda: (
-                    self._stored_image(doc_key)
-                    or self.pipeline.build(
+                lambda: self.leases.run_once(
+                    f"images/{key}",
+                    lambda: self._stored_image(doc_key),
+                    lambda: self.pipeline.build(
                         request, source, platform, doc_key, label, tag, popularity
-                    )
+                    ),
+                    on_wait=lambda: self.events.lease_waited("image"),
                 ),
             )
         except QueueFull as exc:

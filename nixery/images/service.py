@@ -24,6 +24,7 @@ from nixery.images.activity import BuildEvents
 from nixery.images.model import BuildProfile, BuildSettings, BuiltImage, Layer
 from nixery.images.pipeline import BuildPipeline, Layering
 from nixery.images.queue import BuildQueue
+from nixery.leases import Leases
 from nixery.packages.catalog import Catalog, Lookup
 from nixery.packages.graph import ClosureGraph
 from nixery.packages.names import (
@@ -69,10 +70,15 @@ class ImageService:
         )
         self.events = events or BuildEvents()
         self.catalog = Catalog(nix, settings.overlays)
+        # Replicas sharing the storage build each image, and pack each layer, once.
+        self.leases = Leases(storage, settings.lease_ttl)
         self.pipeline = BuildPipeline(
-            storage, nix, sources, settings, self.events, self.catalog, layering
+            storage, nix, sources, settings, self.events, self.catalog,
+            self.leases, layering,
+        )  # fmt: skip
+        self.builds = BuildQueue(
+            storage, settings, self.popularity, self.events, self.pipeline, self.leases
         )
-        self.builds = BuildQueue(storage, settings, self.popularity, self.events, self.pipeline)
 
     # -- requests -------------------------------------------------------
 

@@ -70,6 +70,13 @@ class Metrics(BuildEvents):
             "Requests waiting because their client address has its share of threads.",
             registry=r,
         )
+        self.lease_waits = Counter(
+            "nixery_lease_waits",
+            "Image builds and layer packings left to another replica that held their"
+            " lease; this one waited for the result instead.",
+            ["work"],
+            registry=r,
+        )
         self.in_progress = Gauge("nixery_builds_in_progress", "Builds running now.", registry=r)
         self.queued = Gauge(
             "nixery_builds_queued", "Requests waiting for a build that is running.", registry=r
@@ -86,6 +93,8 @@ class Metrics(BuildEvents):
             self.served.labels(kind)
         for reason in CLOSE_REASONS:
             self.connections_closed.labels(reason)
+        for work in CACHES:
+            self.lease_waits.labels(work)
 
     def track(self, in_progress: Callable[[], int], queued: Callable[[], int]) -> None:
         """Read the build gauges from the service when scraped."""
@@ -108,6 +117,9 @@ class Metrics(BuildEvents):
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
         self.cache.labels(cache, "hit" if hit else "miss").inc()
+
+    def lease_waited(self, work: str) -> None:
+        self.lease_waits.labels(work).inc()
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         method = method if method in METHODS else "other"

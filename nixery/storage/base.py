@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import BinaryIO
@@ -53,6 +55,34 @@ class Entry:
     name: str
     mtime: float  # when it was written or last marked used
     size: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claim on `key` by `holder` until `expires` (seconds since the epoch).
+
+    `token` identifies this very version of the claim (an ETag, a nonce): a
+    renewal or release succeeds only while the stored claim is still it."""
+
+    key: str
+    holder: str
+    expires: float
+    token: str
+
+    def fields(self) -> dict[str, str | float]:
+        return {"holder": self.holder, "expires": self.expires}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.fields()).encode()
+
+
+def parse_lease(key: str, data: bytes, token: str) -> Lease:
+    """A stored claim; an unreadable one counts as expired (a writer died mid-write)."""
+    try:
+        fields = json.loads(data)
+        return Lease(key, str(fields["holder"]), float(fields["expires"]), token)
+    except (ValueError, KeyError, TypeError):
+        return Lease(key, "", 0.0, token)
 
 
 class BlobWriter(ABC):
@@ -104,6 +134,9 @@ class BlobWriter(ABC):
 
 
 class Storage(ABC):
+    # Leases compare expiry times with this clock (replaceable in tests).
+    clock: Callable[[], float] = time.time
+
     @abstractmethod
     def blob_writer(self) -> BlobWriter: ...
 
@@ -152,6 +185,36 @@ class Storage(ABC):
 
     def close(self) -> None:
         """Release what this process holds in the storage; nothing by default."""
+        return None
+
+    # -- leases -------------------------------------------------------------
+    #
+    # A lease lets one process of several sharing this storage do a piece of
+    # work while the others wait for its result. A backend that cannot make
+    # a write conditional grants every lease (`leases_exclusive` is then
+    # False): the work may be done twice, which is harmless, because what it
+    # stores is content addressed and every write is atomic.
+
+    def leases_exclusive(self) -> bool:
+        """Whether a lease held by one process keeps every other one out."""
+        return False
+
+    def acquire_lease(self, key: str, holder: str, ttl: float) -> Lease | None:
+        """Claim `key` for `ttl` seconds: free, expired or unreadable claims
+        are taken; None while another holder's claim is live."""
+        return Lease(validate_key(key), holder, self.clock() + ttl, "")
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        """Extend a claim for `ttl` seconds from now; None if it was lost
+        (it expired and someone else took it, or it is gone)."""
+        return Lease(lease.key, lease.holder, self.clock() + ttl, lease.token)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give up a claim, unless it is no longer this one."""
+        return None
+
+    def read_lease(self, key: str) -> Lease | None:
+        """The current claim on `key` (live or expired), or None."""
         return None
 
     # -- garbage collection (optional per backend) --------------------------

@@ -8,6 +8,13 @@ Crash safety: each process writes in its own `tmp/<writer>/` directory and
 holds an exclusive lock on `tmp/<writer>.lock` while it lives; at start, the
 directories whose lock is free belonged to dead processes and are removed
 (in the background: nothing in `tmp/` is ever served).
+Leases (see `Storage.acquire_lease`) are files under `leases/`, made with
+a hard link from a complete temp file, which fails if the name exists (the
+O_EXCL of a file with content). Renewing, releasing or taking over an
+expired lease replaces or removes a file someone else may be looking at, so
+these hold an exclusive lock on `leases/.guard` for the few system calls
+they take: compare the stored claim, then swap it.
+
 A blob is hashed again the first time this process reads it (blobs it wrote
 itself excepted), and one that does not match its digest is deleted, so
 whatever a crash, a full disk or bit rot left behind is never served.
@@ -18,6 +25,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -27,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,8 +45,10 @@ from nixery.storage.base import (
     BlobLocation,
     BlobWriter,
     Entry,
+    Lease,
     Storage,
     StorageError,
+    parse_lease,
     validate_digest,
     validate_key,
 )
@@ -112,7 +123,8 @@ class FilesystemStorage(Storage):
         self.blob_dir = self.root / "blobs" / "sha256"
         self.doc_dir = self.root / "documents"
         self.tmp_root = self.root / "tmp"
-        for d in (self.blob_dir, self.doc_dir, self.tmp_root):
+        self.lease_dir = self.root / "leases"
+        for d in (self.blob_dir, self.doc_dir, self.tmp_root, self.lease_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.verify = verify
         self._verified: set[str] = set()
@@ -266,6 +278,94 @@ class FilesystemStorage(Storage):
             Path(tmp).unlink(missing_ok=True)
             raise _storage_error(f"storing {key}", exc) from exc
         _fsync_dir(path.parent)
+
+    # -- leases -----------------------------------------------------------
+
+    def leases_exclusive(self) -> bool:
+        return True
+
+    def _lease_path(self, key: str) -> Path:
+        return self.lease_dir / validate_key(key)
+
+    @contextmanager
+    def _lease_guard(self) -> Iterator[None]:
+        fd = os.open(self.lease_dir / ".guard", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def _lease_file(self, lease: Lease) -> str:
+        """A complete temp file holding `lease`, to be linked or renamed into place."""
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="lease-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(json.dumps({**lease.fields(), "token": lease.token}).encode())
+        os.chmod(tmp, 0o644)
+        return tmp
+
+    def read_lease(self, key: str) -> Lease | None:
+        path = self._lease_path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            token = str(json.loads(data)["token"])
+        except (ValueError, KeyError, TypeError):
+            token = ""
+        return parse_lease(key, data, token)
+
+    def acquire_lease(self, key: str, holder: str, ttl: float) -> Lease | None:
+        path = self._lease_path(key)
+        lease = Lease(key, holder, self.clock() + ttl, secrets.token_hex(8))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._lease_file(lease)
+        except OSError as exc:
+            raise _storage_error(f"taking the lease {key}", exc) from exc
+        try:
+            try:
+                os.link(tmp, path)  # fails if the name exists: no one else holds it now
+                return lease
+            except FileExistsError:
+                pass
+            with self._lease_guard():
+                current = self.read_lease(key)
+                if current is not None and current.expires > self.clock():
+                    return None
+                # Free or expired, and no one else can swap it while we hold the guard.
+                os.replace(tmp, path)
+                return lease
+        except OSError as exc:
+            raise _storage_error(f"taking the lease {key}", exc) from exc
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        renewed = Lease(lease.key, lease.holder, self.clock() + ttl, lease.token)
+        try:
+            tmp = self._lease_file(renewed)
+            try:
+                with self._lease_guard():
+                    current = self.read_lease(lease.key)
+                    if current is None or current.token != lease.token:
+                        return None
+                    os.replace(tmp, self._lease_path(lease.key))
+                    return renewed
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        except OSError as exc:
+            raise _storage_error(f"renewing the lease {lease.key}", exc) from exc
+
+    def release_lease(self, lease: Lease) -> None:
+        try:
+            with self._lease_guard():
+                current = self.read_lease(lease.key)
+                if current is not None and current.token == lease.token:
+                    self._lease_path(lease.key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise _storage_error(f"releasing the lease {lease.key}", exc) from exc
 
     # -- use marks and garbage collection ---------------------------------
 

@@ -21,6 +21,14 @@ is the time of the mark; each process writes one at most every
 `mark_interval` seconds per entry. Listings report an entry's time as the
 later of its own and its mark's; deleting an entry deletes its mark.
 
+Leases (see `Storage.acquire_lease`) are small objects under `leases/`,
+written with conditional PUTs: `If-None-Match: *` to take a free one,
+`If-Match: <ETag>` to renew one or to take over an expired one, so of two
+replicas racing for the same lease exactly one wins (the other gets `412
+Precondition Failed`). A store that ignores these headers is found out at
+the first lease (a probe object written twice); its leases are then granted
+to everyone, and work may be done twice (harmlessly: see `Storage`).
+
 Credentials come from boto3's standard chain (environment, shared files,
 container and instance roles); this module reads no environment itself.
 """
@@ -33,6 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
 from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import quote
 
@@ -48,8 +57,10 @@ from nixery.storage.base import (
     BlobLocation,
     BlobWriter,
     Entry,
+    Lease,
     Storage,
     StorageError,
+    parse_lease,
     validate_digest,
     validate_key,
 )
@@ -63,6 +74,9 @@ MAX_PARTS = 10_000
 # A single CopyObject takes up to 5 GiB; boto3 switches to a multipart copy above.
 COPY_CONFIG = TransferConfig(multipart_threshold=5 * 1024 * MIB, multipart_chunksize=512 * MIB)
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+# A conditional write lost: the condition failed, or a concurrent one won.
+CONDITION_FAILED = {"412", "PreconditionFailed", "409", "ConditionalRequestConflict"}
+LEASES = "leases/"
 KNOWN_BLOBS_MAX = 50_000
 # How long a blob seen to exist is believed to: `nixery gc` may remove it
 # later, and a stored image must then be noticed as incomplete and rebuilt.
@@ -123,6 +137,9 @@ class S3Storage(Storage):
         self._marked: dict[str, float] = {}
         # mark key -> mark time, for marks the last listings found no entry for.
         self._orphans: dict[str, float] = {}
+        self._exclusive: bool | None = None  # whether conditional writes work
+        self._quote_etags = True  # how If-Match wants an ETag
+        self._conditional_delete = False  # whether DELETE honours If-Match
         self._call("checking bucket " + bucket, lambda: self.client.head_bucket(Bucket=bucket))
 
     # -- keys -----------------------------------------------------------
@@ -221,6 +238,150 @@ class S3Storage(Storage):
             lambda: self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data),
         )
         self._due_for_mark(object_key)  # as good as a mark
+
+    # -- leases ---------------------------------------------------------
+
+    def _lease_key(self, key: str) -> str:
+        return self.object_key(LEASES + validate_key(key))
+
+    def leases_exclusive(self) -> bool:
+        with self._known_lock:
+            if self._exclusive is not None:
+                return self._exclusive
+        exclusive = self._probe_conditional_writes()
+        with self._known_lock:
+            self._exclusive = exclusive
+        return exclusive
+
+    def _probe_conditional_writes(self) -> bool:
+        """Find out how this store treats conditional writes, with a probe
+        object: a second `If-None-Match: *` PUT must be refused, and an
+        `If-Match` PUT must succeed with the current ETag (quoted as S3
+        specifies, or bare, as Ceph RGW before Reef compares it) and fail
+        with another. A conditional DELETE is used only if it is honoured."""
+        probe = self.object_key(f"{LEASES}probe/{uuid.uuid4().hex}")
+        try:
+            first = self._put_if(probe, b"1", IfNoneMatch="*")
+            second = self._put_if(probe, b"2", IfNoneMatch="*")
+            wrong = self._put_if(probe, b"3", IfMatch=f'"{uuid.uuid4().hex}"')
+            matched = None
+            if first is not None:
+                for quoted in (True, False):
+                    self._quote_etags = quoted
+                    matched = self._put_if(probe, b"4", IfMatch=self._etag(first))
+                    if matched is not None:
+                        break
+            if matched is not None:
+                self._delete_if(probe, f'"{uuid.uuid4().hex}"')
+                self._conditional_delete = self._head(probe) is not None
+        except StorageError as exc:
+            log.warning("s3://%s refuses conditional writes (%s)", self.bucket, exc)
+            return False
+        finally:
+            self._delete_object(probe)
+        if first is None or second is not None or wrong is not None or matched is None:
+            log.warning(
+                "s3://%s ignores conditional writes: replicas cannot share builds,"
+                " so each may build the same image (see docs/operating.md)",
+                self.bucket,
+            )
+            return False
+        return True
+
+    def _etag(self, etag: str) -> str:
+        bare = etag.strip('"')
+        return f'"{bare}"' if self._quote_etags else bare
+
+    def _head(self, object_key: str) -> dict[str, Any] | None:
+        return self._call(
+            f"looking up {object_key}",
+            lambda: self.client.head_object(Bucket=self.bucket, Key=object_key),
+            missing_ok=True,
+        )
+
+    def _put_if(self, object_key: str, body: bytes, **condition: str) -> str | None:
+        """PUT under a condition; the new ETag, or None if the condition failed."""
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket, Key=object_key, Body=body, **condition
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in CONDITION_FAILED or status in CONDITION_FAILED or code in NOT_FOUND:
+                return None
+            raise StorageError(f"writing {object_key} in s3://{self.bucket} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"writing {object_key} in s3://{self.bucket} failed: {exc}") from exc
+        return str(response["ETag"])
+
+    def read_lease(self, key: str) -> Lease | None:
+        if not self.leases_exclusive():
+            return None
+        object_key = self._lease_key(key)
+        response = self._call(
+            f"reading {object_key}",
+            lambda: self.client.get_object(Bucket=self.bucket, Key=object_key),
+            missing_ok=True,
+        )
+        if response is None:
+            return None
+        body = response["Body"]
+        try:
+            data = self._call(f"reading {object_key}", body.read)
+        finally:
+            body.close()
+        return parse_lease(key, data, str(response["ETag"]))
+
+    def acquire_lease(self, key: str, holder: str, ttl: float) -> Lease | None:
+        if not self.leases_exclusive():
+            return super().acquire_lease(key, holder, ttl)
+        object_key = self._lease_key(key)
+        for _ in range(3):  # the lease may come and go between our requests
+            lease = Lease(key, holder, self.clock() + ttl, "")
+            etag = self._put_if(object_key, lease.to_json(), IfNoneMatch="*")
+            if etag is not None:
+                return replace(lease, token=etag)
+            current = self.read_lease(key)
+            if current is None:
+                continue  # released in between: try again
+            if current.expires > self.clock():
+                return None
+            # Expired: take it over, unless someone else does first.
+            etag = self._put_if(object_key, lease.to_json(), IfMatch=self._etag(current.token))
+            return None if etag is None else replace(lease, token=etag)
+        return None
+
+    def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        if not self.leases_exclusive():
+            return super().renew_lease(lease, ttl)
+        renewed = replace(lease, expires=self.clock() + ttl)
+        etag = self._put_if(
+            self._lease_key(lease.key), renewed.to_json(), IfMatch=self._etag(lease.token)
+        )
+        return None if etag is None else replace(renewed, token=etag)
+
+    def release_lease(self, lease: Lease) -> None:
+        if not self.leases_exclusive():
+            return
+        object_key = self._lease_key(lease.key)
+        # Expire it with a conditional write, so a lease someone else has
+        # taken over meanwhile is never touched; then remove it where the
+        # store deletes conditionally too. An expired lease left behind is
+        # harmless: the next taker overwrites it.
+        expired = replace(lease, expires=0.0)
+        etag = self._put_if(object_key, expired.to_json(), IfMatch=self._etag(lease.token))
+        if etag is not None and self._conditional_delete:
+            self._delete_if(object_key, etag)
+
+    def _delete_if(self, object_key: str, etag: str) -> None:
+        """Delete `object_key` if its ETag is still `etag` (where honoured)."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=object_key, IfMatch=self._etag(etag))
+        except ClientError as exc:
+            log.debug("left the expired lease %s: %s", object_key, exc)
+        except BotoCoreError as exc:
+            log.debug("left the expired lease %s: %s", object_key, exc)
 
     # -- use marks and garbage collection -------------------------------
 
