@@ -147,10 +147,25 @@ let
   firstString = v:
     let l = builtins.filter (safe builtins.isString) (listOf v);
     in if l == [ ] then null else builtins.head l;
+  # nixpkgs' fetchurl keeps `mirror://site/file` URLs; they are resolved with
+  # the set's own list of mirrors (the first of each site), when it has one.
+  mirrorsFile = if safe builtins.isPath (pkgs.path or null)
+    then pkgs.path + "/pkgs/build-support/fetchurl/mirrors.nix" else null;
+  mirrors = if mirrorsFile != null && builtins.pathExists mirrorsFile
+    then import mirrorsFile else { };
+  resolveMirror = url:
+    let m = builtins.match "mirror://([^/]+)/(.*)" url;
+    in if m == null then url
+    else let site = mirrors.${builtins.head m} or [ ]; in
+      if safe builtins.isList site && site != [ ] && safe builtins.isString (builtins.head site)
+      then builtins.head site + builtins.elemAt m 1
+      else null;
   sourceUrl = drv:
-    let src = drv.src or null; in
-    if !(safe builtins.isAttrs src) then null
-    else firstString (src.urls or src.url or null);
+    let
+      src = drv.src or null;
+      url = if safe builtins.isAttrs src then firstString (src.urls or src.url or null) else null;
+    in
+    if url == null then null else resolveMirror url;
   outputsOf = drv:
     let o = drv.outputs or [ "out" ]; in
     if safe builtins.isList o then builtins.filter (safe builtins.isString) o else [ "out" ];
