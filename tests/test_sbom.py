@@ -20,6 +20,7 @@ from nixery.assembly.manifest import (
     OCI_MANIFEST,
     Descriptor,
     artifact_manifest,
+    canonical_json,
     filter_referrers,
     referrers_index,
 )
@@ -217,3 +218,15 @@ def test_artifact_manifests_and_referrers_index() -> None:
     assert [e["artifactType"] for e in entries] == [sbom.SPDX_JSON, sbom.CYCLONEDX_JSON]
     only = json.loads(filter_referrers(index, sbom.CYCLONEDX_JSON).data)["manifests"]
     assert [e["digest"] for e in only] == [other.digest]
+
+
+def test_documents_made_once_per_image_equal_those_made_for_each_manifest() -> None:
+    """Both dialects' documents are made from one pair of bodies; patching
+    in the subject gives the very bytes made for it from the start."""
+    graph = closure()
+    listed = sbom.entries(graph, METADATA)
+    name = "bashInteractive/curl"
+    made = documents()
+    assert made[sbom.SPDX] == canonical_json(sbom.spdx_json(name, SUBJECT, graph, listed))
+    assert made[sbom.CYCLONEDX] == canonical_json(sbom.cyclonedx_json(name, SUBJECT, graph, listed))
+    assert SUBJECT.digest.encode() not in canonical_json(sbom.bodies(name, graph, METADATA).spdx)

@@ -13,11 +13,14 @@ are derived from the digest of the image manifest they describe.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cyclonedx.model import (
     ExternalReference,
@@ -29,6 +32,7 @@ from cyclonedx.model import (
 )
 from cyclonedx.model.bom import Bom
 from cyclonedx.model.component import Component, ComponentType
+from cyclonedx.model.dependency import Dependency
 from cyclonedx.model.license import DisjunctiveLicense, License, LicenseExpression
 from cyclonedx.output.json import JsonV1Dot6
 from spdx_tools.common.spdx_licensing import spdx_licensing
@@ -49,7 +53,7 @@ from spdx_tools.spdx.model import (
 from spdx_tools.spdx.validation.uri_validators import validate_download_location, validate_url
 
 from nixery import __version__
-from nixery.assembly.manifest import CREATED, Descriptor, canonical_json
+from nixery.assembly.manifest import CREATED, OCI_MANIFEST, Descriptor, canonical_json
 from nixery.packages.graph import ClosureGraph, StorePath
 from nixery.packages.nix import PackageMetadata
 
@@ -64,6 +68,8 @@ NAMESPACE = "urn:nixery:sbom:"
 # The CycloneDX property naming a component's store path (and output).
 STORE_PATH_PROPERTY = "nix:store-path"
 OUTPUT_PROPERTY = "nix:output"
+# The subject documents are made for before they are made for each manifest.
+PLACEHOLDER = Descriptor(OCI_MANIFEST, "sha256:" + "0" * 64, 0)
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,15 @@ def parse_name(store_name: str) -> tuple[str, str | None]:
     return store_name, None
 
 
+@functools.lru_cache(maxsize=4096)
+def _known_licence(spdx_id: str) -> bool:
+    return not spdx_licensing.validate(spdx_id).errors
+
+
 def license_expression(ids: Sequence[str]) -> str | None:
     """The SPDX ids that SPDX knows, as one expression (a package under
     several licences is under all of them as far as anyone can tell)."""
-    known = sorted({i for i in ids if not spdx_licensing.validate(i).errors})
+    known = sorted({i for i in ids if _known_licence(i)})
     return " AND ".join(known) if known else None
 
 
@@ -147,13 +158,13 @@ def entries(graph: ClosureGraph, metadata: Mapping[str, PackageMetadata]) -> lis
 
 def spdx_json(
     name: str, subject: Descriptor, graph: ClosureGraph, listed: Sequence[Entry]
-) -> bytes:
+) -> dict[str, Any]:
     """The SPDX 2.3 JSON document of the image whose manifest is `subject`."""
     info = CreationInfo(
         spdx_version="SPDX-2.3",
         spdx_id="SPDXRef-DOCUMENT",
         name=name,
-        document_namespace=f"{NAMESPACE}spdx:{subject.digest}",
+        document_namespace=_namespace(subject),
         creators=[Actor(ActorType.TOOL, TOOL)],
         created=CREATED_AT.replace(tzinfo=None),  # spdx-tools writes it as UTC
     )
@@ -163,9 +174,9 @@ def spdx_json(
         version=subject.digest,
         download_location=SpdxNoAssertion(),
         files_analyzed=False,
-        checksums=[Checksum(ChecksumAlgorithm.SHA256, subject.digest.removeprefix("sha256:"))],
+        checksums=[Checksum(ChecksumAlgorithm.SHA256, _hex(subject))],
         primary_package_purpose=PackagePurpose.CONTAINER,
-        comment=f"The image manifest {subject.digest} ({subject.media_type})",
+        comment=_image_comment(subject),
     )
     packages = [image] + [_spdx_package(e, e.path.path in graph.roots) for e in listed]
     ids = {e.path.path: e.spdx_id for e in listed}
@@ -183,7 +194,21 @@ def spdx_json(
         for ref in e.path.references
     ]
     document = Document(info, packages=packages, relationships=relationships)
-    return canonical_json(DocumentConverter().convert(document))
+    converted: dict[str, Any] = DocumentConverter().convert(document)
+    return converted
+
+
+def _spdx_for(body: dict[str, Any], subject: Descriptor) -> bytes:
+    """`body` (made for `PLACEHOLDER`) made for `subject`."""
+    body = copy.deepcopy(body)
+    body["documentNamespace"] = _namespace(subject)
+    image = next(p for p in body["packages"] if p["SPDXID"] == IMAGE_SPDX_ID)
+    image.update(
+        versionInfo=subject.digest,
+        checksums=[{"algorithm": "SHA256", "checksumValue": _hex(subject)}],
+        comment=_image_comment(subject),
+    )
+    return canonical_json(body)
 
 
 def _spdx_package(entry: Entry, root: bool) -> Package:
@@ -213,27 +238,59 @@ def _spdx_checksums(path: StorePath) -> list[Checksum]:
 
 def cyclonedx_json(
     name: str, subject: Descriptor, graph: ClosureGraph, listed: Sequence[Entry]
-) -> bytes:
+) -> dict[str, Any]:
     """The CycloneDX 1.6 JSON document of the image whose manifest is `subject`."""
-    bom = Bom(serial_number=uuid.uuid5(uuid.NAMESPACE_URL, f"{NAMESPACE}{subject.digest}"))
+    bom = Bom(serial_number=_serial(subject))
     bom.metadata.timestamp = CREATED_AT
     image = Component(
         type=ComponentType.CONTAINER,
         name=name,
         version=subject.digest,
         bom_ref=IMAGE_REF,
-        hashes=[HashType(alg=HashAlgorithm.SHA_256, content=subject.digest[len("sha256:") :])],
+        hashes=[HashType(alg=HashAlgorithm.SHA_256, content=_hex(subject))],
     )
     bom.metadata.component = image
     components = {e.path.path: _component(e, e.path.path in graph.roots) for e in listed}
     for component in components.values():
         bom.components.add(component)
-    bom.register_dependency(image, [components[root] for root in sorted(graph.roots)])
-    for entry in listed:
-        references = [components[ref] for ref in entry.path.references]
-        bom.register_dependency(components[entry.path.path], references)
+    # Built directly: `Bom.register_dependency` searches every registration each time.
+    edges = [(image, [components[root] for root in sorted(graph.roots)])]
+    edges += [
+        (components[e.path.path], [components[ref] for ref in e.path.references]) for e in listed
+    ]
+    bom.dependencies.update(
+        Dependency(ref=c.bom_ref, dependencies=[Dependency(ref=d.bom_ref) for d in on])
+        for c, on in edges
+    )
+    converted: dict[str, Any] = json.loads(JsonV1Dot6(bom).output_as_string())
+    return converted
+
+
+def _cyclonedx_for(body: dict[str, Any], subject: Descriptor) -> bytes:
+    """`body` (made for `PLACEHOLDER`) made for `subject`."""
+    body = copy.deepcopy(body)
+    body["serialNumber"] = _serial(subject).urn
+    body["metadata"]["component"].update(
+        version=subject.digest, hashes=[{"alg": "SHA-256", "content": _hex(subject)}]
+    )
     # Re-serialised compactly: the library indents or pads its output.
-    return canonical_json(json.loads(JsonV1Dot6(bom).output_as_string()))
+    return canonical_json(body)
+
+
+def _hex(subject: Descriptor) -> str:
+    return subject.digest.removeprefix("sha256:")
+
+
+def _namespace(subject: Descriptor) -> str:
+    return f"{NAMESPACE}spdx:{subject.digest}"
+
+
+def _serial(subject: Descriptor) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{NAMESPACE}{subject.digest}")
+
+
+def _image_comment(subject: Descriptor) -> str:
+    return f"The image manifest {subject.digest} ({subject.media_type})"
 
 
 def _component(entry: Entry, root: bool) -> Component:
@@ -273,6 +330,31 @@ def _cyclonedx_licenses(expression: str | None) -> Iterable[License]:
     return [DisjunctiveLicense(id=expression)]
 
 
+@dataclass(frozen=True)
+class Bodies:
+    """Both documents of an image, made once for `PLACEHOLDER`: the
+    manifests of an image (two dialects) differ only in the fields that
+    name their subject, and building a document is most of the cost."""
+
+    spdx: dict[str, Any]
+    cyclonedx: dict[str, Any]
+
+    def documents(self, subject: Descriptor) -> dict[SbomFormat, bytes]:
+        """Every format's document for the image whose manifest is `subject`."""
+        return {
+            SPDX: _spdx_for(self.spdx, subject),
+            CYCLONEDX: _cyclonedx_for(self.cyclonedx, subject),
+        }
+
+
+def bodies(name: str, graph: ClosureGraph, metadata: Mapping[str, PackageMetadata]) -> Bodies:
+    listed = entries(graph, metadata)
+    return Bodies(
+        spdx_json(name, PLACEHOLDER, graph, listed),
+        cyclonedx_json(name, PLACEHOLDER, graph, listed),
+    )
+
+
 def documents(
     name: str,
     subject: Descriptor,
@@ -280,8 +362,4 @@ def documents(
     metadata: Mapping[str, PackageMetadata],
 ) -> dict[SbomFormat, bytes]:
     """Every format's document for the image whose manifest is `subject`."""
-    listed = entries(graph, metadata)
-    return {
-        SPDX: spdx_json(name, subject, graph, listed),
-        CYCLONEDX: cyclonedx_json(name, subject, graph, listed),
-    }
+    return bodies(name, graph, metadata).documents(subject)

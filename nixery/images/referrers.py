@@ -58,9 +58,10 @@ def store_sboms(
     point at them last."""
     storage.put_blob(empty_config().data)
     indexes: dict[str, Document] = {}
+    bodies = sbom.bodies(name, graph, metadata)
     for fmt_name, subject in manifests.items():
         artifacts = []
-        for fmt, data in sbom.documents(name, subject, graph, metadata).items():
+        for fmt, data in bodies.documents(subject).items():
             blob = Descriptor(fmt.media_type, storage.put_blob(data), len(data))
             artifact = artifact_manifest(fmt.media_type, blob, fmt.filename, subject)
             storage.put_blob(artifact.data)
