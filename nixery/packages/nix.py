@@ -256,7 +256,15 @@ class Nix:
             "packages": list(packages),
             "overlays": list(overlays),
         }
-        result = self._evaluate(source, {**args, "metadata": metadata}, on_log)
+        try:
+            result = self._evaluate(source, {**args, "metadata": metadata}, on_log)
+        except BuildFailed as exc:
+            if not metadata:
+                raise
+            # Metadata is informative: `tryEval` cannot catch every error
+            # (an `abort` in a `meta`), so without it the image still builds.
+            log.warning("reading package metadata failed, evaluating without: %s", exc.log_tail)
+            result = self._evaluate(source, args, on_log)
         if result["unknown"] or result["refused"]:
             refused = sorted(result["refused"])
             reasons = {
