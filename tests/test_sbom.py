@@ -102,7 +102,9 @@ def test_spdx_is_valid_with_one_package_per_store_path(tmp_path: Path) -> None:
     body = spdx(tmp_path, documents()[sbom.SPDX])
     assert body["spdxVersion"] == "SPDX-2.3"
     files = Counter(p.get("packageFileName") for p in body["packages"])
-    assert files == Counter({**{p: 1 for p in graph.paths}, None: 1})  # and the image
+    expected: Counter[str | None] = Counter(dict.fromkeys(graph.paths, 1))
+    expected[None] = 1  # the image
+    assert files == expected
     by_path = {p.get("packageFileName"): p for p in body["packages"]}
     curl = by_path[path("curl-8.0.1")]
     assert (curl["name"], curl["versionInfo"]) == ("curl", "8.0.1")
