@@ -127,3 +127,13 @@ def test_sboms_are_reproducible_across_a_fresh_build(
 def test_missing_referrers_tag_is_manifest_unknown(registry: Server) -> None:
     reply = call(registry.host, "GET", f"/v2/{IMAGE}/manifests/sha256-{'0' * 64}")
     assert reply.status == 404 and reply.error_codes() == ["MANIFEST_UNKNOWN"]
+
+
+def test_build_profile_reports_the_cost_of_the_sboms(
+    registry: Server, image: tuple[str, dict[str, Any]]
+) -> None:
+    [record] = call(registry.host, "GET", "/builds.json").json()["builds"]
+    profile = record["profile"]
+    # Metadata for every output of the build graph, so at least the closure's.
+    assert profile["metadata_entries"] >= len(closure_paths(image[1]))
+    assert 0 < profile["sbom"] <= profile["documents"] <= profile["total"]
