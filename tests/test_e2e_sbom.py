@@ -137,3 +137,25 @@ def test_build_profile_reports_the_cost_of_the_sboms(
     # Metadata for every output of the build graph, so at least the closure's.
     assert profile["metadata_entries"] >= len(closure_paths(image[1]))
     assert 0 < profile["sbom"] <= profile["documents"] <= profile["total"]
+
+
+def test_an_image_stored_without_sboms_gets_them_on_its_next_pull(
+    registry: Server, image: tuple[str, dict[str, Any]]
+) -> None:
+    """An image stored before SBOMs existed is built again (its layers are
+    reused) rather than served without them."""
+    digest, record = image
+    [document] = list(registry.storage.glob("documents/images/*"))
+    older = {k: v for k, v in record.items() if k != "referrers"}
+    document.write_text(json.dumps(older))
+    for stored in registry.storage.glob("documents/referrers/*"):
+        stored.unlink()
+    assert call(registry.host, "GET", f"/v2/{IMAGE}/referrers/{digest}").json()["manifests"] == []
+
+    reply = call(registry.host, "GET", f"/v2/{IMAGE}/manifests/latest", {"Accept": OCI_MANIFEST})
+    assert reply.status == 200 and reply.header("Docker-Content-Digest") == digest
+    builds = call(registry.host, "GET", "/builds.json").json()["builds"]
+    assert len(builds) == 2 and sorted(b["packed"] for b in builds)[0] == 0
+    assert json.loads(document.read_bytes())["referrers"] == record["referrers"]
+    listed = call(registry.host, "GET", f"/v2/{IMAGE}/referrers/{digest}").json()["manifests"]
+    assert len(listed) == 2
