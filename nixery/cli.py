@@ -567,6 +567,12 @@ def check_config(file: str, syntax_only: bool) -> None:
 @click.option("--nix-timeout", type=click.FloatRange(min=1), default=600, show_default=True)
 @_layering_options
 @click.option(
+    "--sbom",
+    is_flag=True,
+    help="Also write the image's SBOMs next to the output: OUTPUT.spdx.json (SPDX 2.3) "
+    "and OUTPUT.cdx.json (CycloneDX 1.6).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="warning",
@@ -579,7 +585,9 @@ def check_config(file: str, syntax_only: bool) -> None:
     show_default=True,
     help="One line per event: readable text, or JSON.",
 )
-def build(image: str, output: Path, fmt: str, platform_name: str | None, **options: Any) -> None:
+def build(
+    image: str, output: Path, fmt: str, platform_name: str | None, sbom: bool, **options: Any
+) -> None:
     """Build IMAGE (NAME[:TAG], e.g. shell/git:latest) without a server."""
     from nixery.config import Settings
     from nixery.images import layout
@@ -606,11 +614,13 @@ def build(image: str, output: Path, fmt: str, platform_name: str | None, **optio
             progress.step(f"{name}:{tag} for {platform} is in the cache; nothing to build")
         progress.step(f"writing {fmt} to {output}")
         layout.write(service.storage, built, output, fmt, name, tag)
+        sboms = layout.write_sboms(service.storage, built, output, fmt) if sbom else []
     except NixeryError as exc:
         raise click.ClickException(_explain(exc)) from exc
     finally:
         progress.close()
-    click.echo(str(output))
+    for path in [output, *sboms]:
+        click.echo(str(path))
 
 
 @main.command()

@@ -110,3 +110,40 @@ def test_build_failure_shows_the_nix_log(tmp_path: Path) -> None:
     proc = nixery_build("broken", "--output", str(tmp_path / "x"), cache=tmp_path, check=False)
     assert proc.returncode == 1
     assert "broken on purpose" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker-archive"])
+def test_sbom_is_written_next_to_the_output(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / ("layout" if fmt == "oci" else "image.tar")
+    proc = nixery_build(
+        "shell/hello", "--format", fmt, "--output", str(out), "--sbom", cache=tmp_path / "cache"
+    )
+    spdx, cyclonedx = Path(f"{out}.spdx.json"), Path(f"{out}.cdx.json")
+    assert proc.stdout.split() == [str(out), str(spdx), str(cyclonedx)]
+    # The files describe the manifest written, the one the store paths are packed in.
+    if fmt == "oci":
+        [entry] = json.loads((out / "index.json").read_text())["manifests"]
+        manifest = entry["digest"]
+        blobs = out / "blobs" / "sha256"
+        layers = json.loads((blobs / manifest[7:]).read_text())["layers"]
+    else:
+        with tarfile.open(out) as tar:
+            config_name = json.load(tar.extractfile("manifest.json"))[0]["Config"]  # type: ignore[arg-type]
+            config = json.load(tar.extractfile(config_name))  # type: ignore[arg-type]
+        manifest = None
+        layers = config["rootfs"]["diff_ids"]
+    described = json.loads(spdx.read_text())
+    image = next(p for p in described["packages"] if p["SPDXID"] == "SPDXRef-Image")
+    if manifest is not None:
+        assert image["versionInfo"] == manifest
+    else:
+        assert image["comment"].endswith("(application/vnd.docker.distribution.manifest.v2+json)")
+    assert len(layers) > 1
+    paths = [p["packageFileName"] for p in described["packages"] if "packageFileName" in p]
+    assert any(p.endswith("-hello-2.10") for p in paths) and len(paths) == len(set(paths))
+    components = json.loads(cyclonedx.read_text())["components"]
+    assert sorted(c["bom-ref"] for c in components) == sorted(paths)
+    # Without --sbom, nothing is written next to it.
+    plain = tmp_path / "plain"
+    nixery_build("shell/hello", "--output", str(plain), cache=tmp_path / "cache")
+    assert not Path(f"{plain}.spdx.json").exists()

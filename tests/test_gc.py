@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,9 @@ from nixery.assembly.manifest import (
     manifest_document,
 )
 from nixery.images.model import BuiltImage, Layer
+from nixery.images.referrers import artifact_blobs, store_sboms
 from nixery.ops.gc import collect
+from nixery.packages.graph import ClosureGraph, StorePath
 from nixery.packages.nix import Nix, temporary_roots
 from nixery.packages.platforms import AMD64, ARM64
 from nixery.packages.sources import NixSource
@@ -441,3 +444,48 @@ def test_roots_of_builds_whose_process_is_gone_are_removed(tmp_path: Path) -> No
         assert not stale.exists()
         assert live.exists() and other.exists()
     assert not Path(roots).exists()
+
+
+def store_image_with_sboms(storage: Storage, key: str, layer: bytes) -> BuiltImage:
+    """An image with its bills of materials, stored as the builder stores them."""
+    image = store_image(storage, key, [layer])
+    path = "/nix/store/" + key.ljust(32, "0") + "-" + key
+    graph = ClosureGraph((path,), {path: StorePath(path, 1, (), "0" * 64)})
+    referrers = store_sboms(storage, key, image.manifests, graph, {})
+    image = replace(image, referrers=referrers)
+    storage.put_document(f"images/{key}.json", json.dumps(image.to_json()).encode())
+    return image
+
+
+def sbom_blobs(storage: Storage, image: BuiltImage) -> set[str]:
+    """The referrers index, artifact manifests, their empty config and the SBOMs."""
+    found = set().union(*(artifact_blobs(storage, i) for i in image.referrers.values()))
+    assert len(found) == 1 + 2 + 1 + 2  # checked, so that the test sees them all
+    return found
+
+
+def test_sboms_live_and_go_with_their_image(storage: Storage) -> None:
+    old = store_image_with_sboms(storage, "old", b"old layer")
+    old_sboms = sbom_blobs(storage, old)
+    moment = barrier()
+    new = store_image_with_sboms(storage, "new", b"new layer")
+    new_sboms = sbom_blobs(storage, new)
+    shared = old_sboms & new_sboms  # the empty config only
+    assert len(shared) == 1
+    subject = old.manifests["OCI"].digest
+    referrers_doc = f"referrers/{subject[7:]}.json"
+    assert storage.get_document(referrers_doc) is not None
+
+    # Both in use: every artifact is kept, however old.
+    kept = collect(storage, keep=DAY, grace=HOUR, now=moment + 2 * HOUR)
+    assert old_sboms | new_sboms <= blobs(storage) and not kept.removed_referrers_documents
+
+    # "old" expires; after the grace its SBOMs go with it, and its referrers
+    # document with its manifest. "new" keeps its own.
+    collect(storage, keep=HOUR, grace=HOUR, now=moment + HOUR)
+    report = collect(storage, keep=DAY, grace=HOUR, now=moment + 3 * HOUR)
+    assert old_sboms - shared <= set(report.removed_blobs)
+    assert new_sboms <= blobs(storage)
+    assert report.removed_referrers_documents == [referrers_doc]
+    assert storage.get_document(referrers_doc) is None
+    assert documents(storage, "referrers/") == {f"referrers/{new.manifests['OCI'].digest[7:]}.json"}

@@ -21,16 +21,27 @@ def graph(
     return ClosureGraph(tuple(S + r for r in roots), paths)
 
 
+# One NAR hash as Nix 2.8 registers it (base 16) and as newer Nix does
+# (`sha256:` and Nix's base 32), converted with `nix-hash --to-base32`.
+NAR_HEX = "5665ce23a8f7127ccf74fef0b5efafec6228652eb735701cc2f43c70d4f11a58"
+NAR_NIX32 = "sha256:0n0sy7a70g7lq8f70ddp5rjjhqpcmzpvbw7yfk7pq4ppm0iwwran"
+
+
 def test_parse_registration() -> None:
     text = "\n".join([
-        "/nix/store/aaa-b", "hash", "160", "/nix/store/x.drv", "2",
+        "/nix/store/aaa-b", NAR_HEX, "160", "/nix/store/x.drv", "2",
         "/nix/store/aaa-b", "/nix/store/ccc-a",
-        "/nix/store/ccc-a", "hash", "120", "", "0",
+        "/nix/store/ccc-a", NAR_NIX32, "120", "", "0",
     ])  # fmt: skip
     parsed = parse_registration(text)
-    assert parsed["/nix/store/aaa-b"] == StorePath("/nix/store/aaa-b", 160, ("/nix/store/ccc-a",))
+    assert parsed["/nix/store/aaa-b"] == StorePath(
+        "/nix/store/aaa-b", 160, ("/nix/store/ccc-a",), NAR_HEX
+    )
     assert parsed["/nix/store/ccc-a"].references == ()
+    assert parsed["/nix/store/ccc-a"].nar_hash == NAR_HEX
     assert store_path_name("/nix/store/aaa-b") == "b"
+    with pytest.raises(ValueError):
+        parse_registration(text.replace(NAR_HEX, "md5:abc"))
 
 
 def test_closure_must_be_closed() -> None:

@@ -94,7 +94,9 @@ POSITIONS = {
 }
 
 RESOLVE_ARGV = re.compile(r"--eval --strict --json --read-write-mode (?:--option \S+ \S+ )*")
-RESOLVE_ARGS = {"source", "system", "packages", "overlays", "describe", "listAttributes"}
+RESOLVE_ARGS = {
+    "source", "system", "packages", "overlays", "describe", "listAttributes", "metadata",
+}  # fmt: skip
 ATTRIBUTE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 NIX_STORE_FLAGS = {"--realise", "--timeout", "--add-root", "--query", "--requisites", "--dump-db"}
 
@@ -139,6 +141,7 @@ def assert_served_as_data(trace: list[dict], own_dirs: tuple[str, ...] = ()) -> 
             assert argv[-4].endswith("/nixexprs/resolve.nix"), argv
             args = json.loads(call["args"])
             assert set(args) <= RESOLVE_ARGS and isinstance(args["packages"], list), args
+            assert isinstance(args.get("metadata", False), bool), args
             for package in args["packages"]:
                 assert ATTRIBUTE.fullmatch(package), package
         elif call["tool"] == "nix-store":

@@ -114,3 +114,78 @@ def test_args_reach_nix_as_a_json_file(nix: Nix, monkeypatch: pytest.MonkeyPatch
     assert argv[:5] == ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode"]
     assert argv[-3:-1] == ["--argstr", "argsFile"]
     assert not any("hello" in a for a in argv)
+
+
+def test_metadata_of_the_build_graph_comes_with_the_resolution(nix: Nix) -> None:
+    resolution = nix.resolve_with_metadata(SOURCE, SYSTEM, ["hello", "curl"])
+    assert resolution.packages == nix.resolve(SOURCE, SYSTEM, ["hello", "curl"])
+    hello, curl = resolution.packages
+    about = resolution.metadata[hello.out]
+    assert (about.name, about.version, about.output) == ("hello", "2.10", "out")
+    assert about.licenses == ("GPL-3.0-or-later",)
+    assert about.homepage == "https://www.gnu.org/software/hello/manual/"
+    assert about.description == "Program that prints a friendly greeting"
+    # Dependencies are found through the derivations' arguments: every
+    # store path of curl's closure has its entry.
+    outs = nix.realise([curl])
+    closure = nix.closure(outs)
+    assert set(closure.paths) <= set(resolution.metadata)
+    names = {resolution.metadata[p].name for p in closure.paths}
+    assert {"curl", "libcurl", "glibc", "openssl"} <= names
+
+
+def test_metadata_that_fails_to_evaluate_is_left_out(nix: Nix, tmp_path: Path) -> None:
+    """Metadata is informative: odd types, throws and `mirror://` URLs do
+    not fail the resolution. The set has nixpkgs' mirror list where nixpkgs has it."""
+    mirrors = tmp_path / "pkgs" / "build-support" / "fetchurl"
+    mirrors.mkdir(parents=True)
+    (mirrors / "mirrors.nix").write_text('{ gnu = [ "https://ftpmirror.gnu.org/" ]; }\n')
+    (tmp_path / "default.nix").write_text(
+        """{ system ? builtins.currentSystem, ... }:
+let
+  dep = derivation {
+    name = "dep-1.0"; inherit system; builder = "/bin/sh"; args = [ "-c" "echo > $out" ];
+  } // { pname = "dep"; version = "1.0"; meta.license = "a string, not a licence"; };
+  drv = derivation {
+    name = "odd-2.0"; inherit system; builder = "/bin/sh"; args = [ "-c" "echo > $out" ];
+    inherit dep;
+  };
+in {
+  path = ./.;
+  odd = drv // {
+    pname = "odd"; version = "2.0"; src = { urls = [ "mirror://gnu/odd/odd-2.0.tar.gz" ]; };
+    meta = {
+      license = [ { spdxId = "MIT"; } { shortName = "custom"; } 42 ];
+      homepage = throw "no homepage";
+      description = 7;
+    };
+  };
+}
+"""
+    )
+    resolution = nix.resolve_with_metadata(NixSource("path", str(tmp_path)), SYSTEM, ["odd"])
+    [odd] = resolution.packages
+    about = resolution.metadata[odd.out]
+    assert about.licenses == ("MIT",)
+    assert about.homepage is None and about.description is None
+    assert about.source == "https://ftpmirror.gnu.org/odd/odd-2.0.tar.gz"
+    [dep] = [m for m in resolution.metadata.values() if m.name == "dep"]
+    assert dep.licenses == () and dep.version == "1.0"
+
+
+def test_metadata_that_aborts_leaves_the_resolution_without_it(
+    nix: Nix, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "default.nix").write_text(
+        """{ system ? builtins.currentSystem, ... }: {
+  aborts = derivation {
+    name = "aborts-1.0"; inherit system; builder = "/bin/sh"; args = [ "-c" "echo > $out" ];
+  } // { meta.homepage = abort "not even tryEval catches this"; };
+}
+"""
+    )
+    source = NixSource("path", str(tmp_path))
+    resolution = nix.resolve_with_metadata(source, SYSTEM, ["aborts"])
+    assert resolution.packages == nix.resolve(source, SYSTEM, ["aborts"])
+    assert resolution.metadata == {}
+    assert "reading package metadata failed" in caplog.text

@@ -294,18 +294,43 @@ def test_tags_list(server: Server) -> None:
     assert_error(get(server, "/v2/Hello/tags/list"), 400, "NAME_INVALID")
 
 
-def test_referrers_are_an_empty_index(server: Server, tagged: dict[str | None, Reply]) -> None:
-    digest = tagged[OCI_LISTS].header("Docker-Content-Digest")
-    for ref in (digest, ZERO, "sha512:" + "1" * 128):
+def test_referrers_list_the_sboms_of_each_image_manifest(
+    server: Server, tagged: dict[str | None, Reply]
+) -> None:
+    # A multi-platform list has no referrers; an unknown digest neither.
+    empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    listed = tagged[OCI_LISTS].header("Docker-Content-Digest")
+    for ref in (listed, ZERO, "sha512:" + "1" * 128):
         reply = get(server, f"/v2/{IMAGE}/referrers/{ref}")
         assert reply.status == 200
         assert reply.header("Content-Type") == OCI_INDEX
-        assert reply.json() == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        assert reply.json() == empty
         assert reply.header("OCI-Filters-Applied") is None
-    filtered = get(server, f"/v2/{IMAGE}/referrers/{digest}?artifactType=application/x.sbom")
-    assert filtered.status == 200 and filtered.header("OCI-Filters-Applied") == "artifactType"
+    # Every platform's manifest, in both dialects, has an SPDX and a CycloneDX SBOM.
+    subjects = [m["digest"] for m in tagged[OCI_LISTS].json()["manifests"]]
+    subjects += [m["digest"] for m in tagged[DOCKER_LISTS].json()["manifests"]]
+    assert len(set(subjects)) == 4
+    for subject in subjects:
+        reply = get(server, f"/v2/{IMAGE}/referrers/{subject}")
+        assert reply.status == 200 and reply.header("Content-Type") == OCI_INDEX
+        types = sorted(m["artifactType"] for m in reply.json()["manifests"])
+        assert types == ["application/spdx+json", "application/vnd.cyclonedx+json"]
+        for entry in reply.json()["manifests"]:
+            artifact = manifest(server, entry["digest"], OCI_MANIFEST)
+            assert artifact.json()["subject"]["digest"] == subject
+            assert sha256(artifact.body) == entry["digest"]
+        filtered = get(
+            server, f"/v2/{IMAGE}/referrers/{subject}?artifactType=application/spdx%2Bjson"
+        )
+        assert filtered.header("OCI-Filters-Applied") == "artifactType"
+        assert [m["artifactType"] for m in filtered.json()["manifests"]] == [
+            "application/spdx+json"
+        ]
+        none = get(server, f"/v2/{IMAGE}/referrers/{subject}?artifactType=application/x.other")
+        assert none.header("OCI-Filters-Applied") == "artifactType"
+        assert none.json() == empty
     assert_error(get(server, f"/v2/{IMAGE}/referrers/sha256:abc"), 400, "DIGEST_INVALID")
-    assert_error(get(server, f"/v2/Bad/referrers/{digest}"), 400, "NAME_INVALID")
+    assert_error(get(server, f"/v2/Bad/referrers/{listed}"), 400, "NAME_INVALID")
 
 
 # Every push, delete and upload endpoint of the spec (end-4a to end-14).

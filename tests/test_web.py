@@ -5,6 +5,8 @@ Screenshots land in tests/artifacts/ (or $NIXERY_TEST_ARTIFACTS).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -29,6 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
 ]  # fmt: skip
 OCI = "application/vnd.oci.image.manifest.v1+json"
+SBOM_TYPES = ("application/spdx+json", "application/vnd.cyclonedx+json")
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +193,40 @@ def test_bad_input_gets_a_page_not_a_crash(server: Server) -> None:
     assert css.status == 200 and css.require_header("Content-Type").startswith("text/css")
     page = call(server.host, "GET", "/")
     assert "script-src 'self'" in page.require_header("Content-Security-Policy")
+
+
+def test_image_page_links_the_sboms_the_registry_serves(server: Server, browser: Any) -> None:
+    reply = call(server.host, "GET", "/v2/hello/manifests/latest", {"Accept": OCI})
+    assert reply.status == 200, reply.body
+    [key] = [p.stem for p in server.storage.glob("documents/images/*.json")]
+    page = browser.new_page()
+    watch = Watch(page, server.host)
+    page.goto(server.url + "/")
+    front = page.inner_text("main")
+    assert "Software bills of materials" in front and "SPDX 2.3" in front
+    assert f"oras discover {server.host}/shell/git/curl:latest" in front
+
+    page.goto(f"{server.url}/images/{key}")
+    links = page.locator("ul.sboms a")
+    assert sorted(links.all_inner_texts()) == sorted(["sbom.spdx.json", "sbom.cdx.json"] * 2)
+    linked = set()
+    for href in [links.nth(i).get_attribute("href") or "" for i in range(links.count())]:
+        fetched = page.request.get(server.url + href)
+        digest = href.rsplit("/", 1)[-1]
+        assert fetched.status == 200
+        assert fetched.headers["content-type"] in SBOM_TYPES
+        assert "sha256:" + hashlib.sha256(fetched.body()).hexdigest() == digest
+        linked.add(digest)
+    # The very files the referrers of both manifests name.
+    served = set()
+    record = json.loads((server.storage / "documents" / "images" / f"{key}.json").read_bytes())
+    for manifest in record["manifests"].values():
+        index = call(server.host, "GET", f"/v2/hello/referrers/{manifest['digest']}").json()
+        for entry in index["manifests"]:
+            artifact = call(server.host, "GET", f"/v2/hello/manifests/{entry['digest']}")
+            served |= {layer["digest"] for layer in artifact.json()["layers"]}
+    assert linked == served and len(linked) == 4
+    other = record["manifests"]["OCI"]["digest"]  # a blob, but not one of its SBOMs
+    assert call(server.host, "GET", f"/images/{key}/sbom/{other}").status == 404
+    assert watch.problems == []
+    page.close()

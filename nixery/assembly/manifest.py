@@ -6,6 +6,7 @@ separators), and their digests are taken over exactly the bytes served.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -25,6 +26,11 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+# OCI 1.1 artifacts: a manifest whose config is the empty JSON object.
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY_JSON = b"{}"
+TITLE = "org.opencontainers.image.title"
+CREATED_ANNOTATION = "org.opencontainers.image.created"
 
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
@@ -202,6 +208,49 @@ def index_document(fmt: Format, manifests: Sequence[tuple[Platform, Descriptor]]
         "manifests": [d.to_json(platform=p.descriptor()) for p, d in manifests],
     }
     return Document(fmt.index_type, canonical_json(body))
+
+
+def empty_config() -> Document:
+    """The config of every artifact manifest: `{}`, typed as empty."""
+    return Document(OCI_EMPTY, EMPTY_JSON)
+
+
+def artifact_manifest(
+    artifact_type: str, blob: Descriptor, title: str, subject: Descriptor
+) -> Document:
+    """An OCI 1.1 artifact manifest of one file (`blob`, saved as `title`)
+    that refers to `subject` (an image manifest)."""
+    config = empty_config().descriptor().to_json(data=base64.b64encode(EMPTY_JSON).decode())
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": config,
+        "layers": [blob.to_json(annotations={TITLE: title})],
+        "subject": subject.to_json(),
+        "annotations": {CREATED_ANNOTATION: CREATED},
+    }
+    return Document(OCI_MANIFEST, canonical_json(body))
+
+
+def referrers_index(artifacts: Sequence[Document]) -> Document:
+    """The OCI index listing artifact manifests, as the referrers API answers."""
+    entries = []
+    for artifact in artifacts:
+        body = json.loads(artifact.data)
+        extra = {"artifactType": body["artifactType"]}
+        if body.get("annotations"):
+            extra["annotations"] = body["annotations"]
+        entries.append(artifact.descriptor().to_json(**extra))
+    body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+    return Document(OCI_INDEX, canonical_json(body))
+
+
+def filter_referrers(index: Document, artifact_type: str) -> Document:
+    """`index` (a referrers index) with only the entries of `artifact_type`."""
+    body = json.loads(index.data)
+    body["manifests"] = [m for m in body["manifests"] if m.get("artifactType") == artifact_type]
+    return Document(OCI_INDEX, canonical_json(body))
 
 
 def media_type_of(data: bytes) -> str | None:

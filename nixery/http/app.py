@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import bottle
 from bottle import Bottle, HTTPResponse, Route, request
 
-from nixery.assembly.manifest import OCI_INDEX, Document, Format, index_document, negotiate
+from nixery.assembly.manifest import Document, negotiate
 from nixery.errors import BuildFailed, ErrorCode, NixeryError, RegistryError
 from nixery.http import web
 from nixery.http.auth import MAY_BUILD
@@ -340,11 +340,12 @@ def create_app(
     def referrers(name: str, digest: str) -> HTTPResponse:
         validate_name(name)
         validate_digest(digest)
-        # Images built here are never the subject of another manifest.
-        headers = {"Content-Type": OCI_INDEX}
-        if request.query.get("artifactType"):
+        artifact_type = request.query.getunicode("artifactType") or None
+        index = service.referrers(name, digest, artifact_type)
+        headers = {"Content-Type": index.media_type}
+        if artifact_type:
             headers["OCI-Filters-Applied"] = "artifactType"
-        return HTTPResponse(index_document(Format.OCI, []).data, headers=headers)
+        return HTTPResponse(index.data, headers=headers)
 
     # Any method a route does not take (PUT, OPTIONS, ...): Bottle would answer in HTML.
     @app.route("/", method="ANY", name="unsupported")

@@ -25,6 +25,7 @@ from nixery.assembly.rootfs import NONROOT_USER
 from nixery.errors import NixeryError
 from nixery.images.activity import Activity, Build
 from nixery.images.model import BuiltImage, Layer
+from nixery.images.referrers import sbom_files
 from nixery.images.service import ImageService
 from nixery.packages.catalog import Lookup
 from nixery.packages.graph import store_path_name
@@ -179,6 +180,7 @@ def add_routes(app: Bottle, service: ImageService, storage: Storage, activity: A
             return error_page(404, "No image was built under this key.")
         built = BuiltImage.from_json(json.loads(raw))
         records = [r for r in activity.builds() if r.key == key]
+        sboms = {fmt: sbom_files(storage, index) for fmt, index in built.referrers.items()}
         return page(
             "image",
             title=records[0].image if records else "image",
@@ -189,6 +191,29 @@ def add_routes(app: Bottle, service: ImageService, storage: Storage, activity: A
             bar_y=BAR_Y,
             bar_height=BAR_HEIGHT,
             total=sum(layer.size for layer in built.layers),
+            sboms=sboms,
+        )
+
+    @app.get("/images/<key>/sbom/<digest>", name="image_sbom")
+    def image_sbom(key: str, digest: str) -> HTTPResponse:
+        """One of the image's bills of materials, typed so browsers show it."""
+        raw = storage.get_document(f"images/{key}.json") if KEY_RE.fullmatch(key) else None
+        if raw is None:
+            return error_page(404, "No image was built under this key.")
+        built = BuiltImage.from_json(json.loads(raw))
+        files = [f for index in built.referrers.values() for f in sbom_files(storage, index)]
+        blob = next((b for _, b in files if b.digest == digest), None)
+        data = storage.read_blob(digest) if blob is not None else None
+        if blob is None or data is None:
+            return error_page(404, "This image has no such bill of materials.")
+        return HTTPResponse(
+            data,
+            headers={
+                "Content-Type": blob.media_type,
+                "Docker-Content-Digest": digest,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "public, max-age=86400, immutable",
+            },
         )
 
     @app.get("/static/<filename>", name="static")

@@ -6,7 +6,7 @@ file (`oci-archive`), and the tar file `docker save` writes
 `podman load` reads both tar files, `docker load` the latter, and `umoci`
 and `skopeo` the directory. Tar files are written under a temporary name
 and renamed when complete, so a half-written archive never has the name
-asked for.
+asked for. `write_sboms` puts the image's bills of materials next to it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from isal import igzip
 from nixery.assembly.manifest import OCI_INDEX, Format, canonical_json
 from nixery.errors import NixeryError
 from nixery.images.model import BuiltImage
+from nixery.images.referrers import sbom_files
 from nixery.storage import Storage
 
 FORMATS = ("oci", "oci-archive", "docker-archive")
@@ -84,6 +85,22 @@ def write(storage: Storage, image: BuiltImage, output: Path, fmt: str, name: str
             _docker_archive(storage, image, tar, reference)
     else:
         raise LayoutError(f"unknown output format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def write_sboms(storage: Storage, image: BuiltImage, output: Path, fmt: str) -> list[Path]:
+    """Write the SBOMs of the manifest that `output` (written in `fmt`) holds
+    next to it, as `<output>.spdx.json` and `<output>.cdx.json`."""
+    dialect = Format.DOCKER if fmt == "docker-archive" else Format.OCI
+    index = image.referrers.get(dialect.name)
+    if index is None:
+        raise LayoutError("the image has no SBOMs; build it again")
+    written = []
+    for filename, blob in sbom_files(storage, index):
+        # `sbom.spdx.json` -> `<output>.spdx.json`
+        target = output.with_name(output.name + "." + filename.removeprefix("sbom."))
+        _copy_blob(storage, blob.digest, target)
+        written.append(target)
+    return written
 
 
 def write_oci_layout(storage: Storage, image: BuiltImage, directory: Path, tag: str) -> None:

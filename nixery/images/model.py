@@ -106,17 +106,20 @@ class Layer:
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """One platform's image: its manifests in both formats and its layers."""
+    """One platform's image: its manifests in both formats, its layers, and
+    for each manifest the index of its referrers (its bills of materials)."""
 
     manifests: Mapping[str, Descriptor]  # Format name -> manifest descriptor
     layers: tuple[Layer, ...]
     packages: tuple[str, ...]
+    referrers: Mapping[str, Descriptor] = field(default_factory=dict)  # Format name -> index
 
     def to_json(self) -> dict[str, Any]:
         return {
             "manifests": {k: d.to_json() for k, d in self.manifests.items()},
             "layers": [layer.to_json() for layer in self.layers],
             "packages": list(self.packages),
+            "referrers": {k: d.to_json() for k, d in self.referrers.items()},
         }
 
     @staticmethod
@@ -126,7 +129,11 @@ class BuiltImage:
             for k, d in data["manifests"].items()
         }
         layers = tuple(Layer.from_json(layer) for layer in data["layers"])
-        return BuiltImage(manifests, layers, tuple(data["packages"]))
+        referrers = {
+            k: Descriptor(d["mediaType"], d["digest"], d["size"])
+            for k, d in (data.get("referrers") or {}).items()
+        }
+        return BuiltImage(manifests, layers, tuple(data["packages"]), referrers)
 
 
 @dataclass(frozen=True)
@@ -143,8 +150,12 @@ class BuildProfile:
     packing: float = 0.0  # packing and storing every layer
     store_io: float = 0.0
     documents: float = 0.0  # configs, manifests and the image record
+    sbom: float = 0.0  # writing and storing the bills of materials (part of `documents`)
     total: float = 0.0
     packed_bytes: int = 0  # uncompressed tar bytes of the layers packed
+    # Outputs whose metadata `evaluate` read for the bills of materials (the
+    # evaluation's share of their cost grows with it).
+    metadata_entries: int = 0
 
     @property
     def nix(self) -> float:
@@ -156,10 +167,16 @@ class BuildProfile:
     @staticmethod
     def from_json(data: Mapping[str, float]) -> BuildProfile:
         seconds = {f: float(data.get(f, 0.0)) for f in _PROFILE_SECONDS}
-        return BuildProfile(**seconds, packed_bytes=int(data.get("packed_bytes", 0)))
+        return BuildProfile(
+            **seconds,
+            packed_bytes=int(data.get("packed_bytes", 0)),
+            metadata_entries=int(data.get("metadata_entries", 0)),
+        )
 
 
-_PROFILE_SECONDS = ("evaluate", "realise", "closure", "packing", "store_io", "documents", "total")
+_PROFILE_SECONDS = (
+    "evaluate", "realise", "closure", "packing", "store_io", "documents", "sbom", "total",
+)  # fmt: skip
 
 
 def cache_key(*parts: Any) -> str:

@@ -1,8 +1,9 @@
 """The build pipeline: one image for one platform, step by step.
 
-resolve (names -> packages) -> realise (Nix builds or substitutes them) ->
+resolve (names -> packages, with their metadata) -> realise (Nix builds or substitutes them) ->
 closure (the graph of store paths) -> layers (grouping) -> pack (`packing`)
--> store (configs and manifests, then the image record).
+-> store (configs and manifests, their bills of materials (`referrers`),
+then the image record).
 
 Every build reports its phases, log lines and outcome to `BuildEvents`, and
 the image record is written last, so a crash leaves nothing that points at
@@ -41,11 +42,12 @@ from nixery.errors import (
 from nixery.images.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
 from nixery.images.model import BuildProfile, BuildSettings, BuiltImage, Layer
 from nixery.images.packing import LayerPacker
+from nixery.images.referrers import store_sboms
 from nixery.leases import Leases
 from nixery.packages.catalog import Catalog
 from nixery.packages.graph import ClosureGraph, store_path_name
 from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
-from nixery.packages.nix import OVERLAY_MODES, Nix, ResolvedPackage
+from nixery.packages.nix import OVERLAY_MODES, Nix, PackageMetadata, ResolvedPackage
 from nixery.packages.platforms import Platform
 from nixery.packages.popularity import Counts
 from nixery.packages.sources import ResolvedSource, Sources
@@ -138,7 +140,7 @@ class BuildPipeline:
         started = time.perf_counter()
         on_log = self._log_listener(build)
         try:
-            packages = self.nix.resolve(
+            resolution = self.nix.resolve_with_metadata(
                 self.sources.nix_source(source),
                 platform.nix_system,
                 request.packages,
@@ -158,8 +160,11 @@ class BuildPipeline:
                 detail["overlays"] = _overlays_detail(self.settings.overlays, exc)
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
         evaluated = time.perf_counter()
+        packages = resolution.packages
         user = NONROOT_USER if request.nonroot else None
-        built, packed, profile = self._pack(packages, platform, build, popularity, user)
+        built, packed, profile = self._pack(
+            packages, resolution.metadata, platform, build, popularity, user
+        )
         stored = time.perf_counter()
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
         done = time.perf_counter()
@@ -168,12 +173,14 @@ class BuildPipeline:
             evaluate=evaluated - started,
             documents=profile.documents + done - stored,
             total=done - started,
+            metadata_entries=len(resolution.metadata),
         )
         return built, packed, profile
 
     def _pack(
         self,
         packages: Sequence[ResolvedPackage],
+        metadata: Mapping[str, PackageMetadata],
         platform: Platform,
         build: Build,
         popularity: Counts,
@@ -196,6 +203,11 @@ class BuildPipeline:
             packed = time.perf_counter()
         self._phase(build, "storing")
         built = self._store_image(packages, platform, [r.layer for r in results], user)
+        manifests_stored = time.perf_counter()
+        # Every manifest gets its bills of materials before the record names it.
+        name = "/".join(built.packages)
+        indexes = store_sboms(self.storage, name, built.manifests, graph, metadata)
+        built = replace(built, referrers=indexes)
         stored = time.perf_counter()
         fresh = [r for r in results if r.packed_bytes is not None]
         profile = BuildProfile(
@@ -204,6 +216,7 @@ class BuildPipeline:
             packing=packed - grouped,
             store_io=sum(r.store_io for r in results),
             documents=stored - packed,
+            sbom=stored - manifests_stored,
             packed_bytes=sum(r.packed_bytes or 0 for r in fresh),
         )
         return built, [r.packed_bytes is not None for r in results], profile

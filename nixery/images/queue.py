@@ -25,6 +25,7 @@ from nixery.errors import BuildNotAllowed, ErrorCode, QueueFull, RegistryError
 from nixery.images.activity import BuildEvents
 from nixery.images.model import FORMAT_VERSION, BuildSettings, BuiltImage, cache_key
 from nixery.images.pipeline import BuildPipeline
+from nixery.images.referrers import artifact_blobs
 from nixery.leases import Leases
 from nixery.packages.names import ImageRequest
 from nixery.packages.platforms import Platform
@@ -165,10 +166,17 @@ class BuildQueue:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable %s", doc_key)
             return None
+        if built.referrers.keys() != built.manifests.keys():
+            # Stored before images had bills of materials: built again, which
+            # reuses every stored layer.
+            log.info("%s has no SBOMs; rebuilding", doc_key)
+            return None
         digests = [d.digest for d in built.manifests.values()]
         digests += [layer.digest for layer in built.layers]
         for manifest in built.manifests.values():
             digests += referenced_digests(self.storage.read_blob(manifest.digest) or b"")
+        for index in built.referrers.values():
+            digests += artifact_blobs(self.storage, index)
         if any(self.storage.locate_blob(d) is None for d in digests):
             log.warning("%s lost blobs; rebuilding", doc_key)
             return None

@@ -8,6 +8,7 @@ once per image. The records it reads and writes are in `model`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from nixery.assembly.layers import LayerGroup, group_layers
@@ -15,15 +16,18 @@ from nixery.assembly.manifest import (
     Document,
     Format,
     Negotiated,
+    filter_referrers,
     index_document,
     media_type_of,
     referenced_digests,
+    referrers_index,
 )
 from nixery.errors import ErrorCode, RegistryError
 from nixery.images.activity import BuildEvents
 from nixery.images.model import BuildProfile, BuildSettings, BuiltImage, Layer
 from nixery.images.pipeline import BuildPipeline, Layering
 from nixery.images.queue import BuildQueue
+from nixery.images.referrers import stored_index
 from nixery.leases import Leases
 from nixery.packages.catalog import Catalog, Lookup
 from nixery.packages.graph import ClosureGraph
@@ -43,6 +47,9 @@ from nixery.storage import Storage
 
 # Larger blobs are never read as manifests (the spec's suggested manifest limit).
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# The tag clients without the referrers API read a manifest's referrers
+# from (`<alg>-<hex>` of its digest, OCI distribution spec 1.1).
+REFERRERS_TAG = re.compile(r"sha256-([a-f0-9]{64})")
 
 
 class ImageService:
@@ -96,6 +103,13 @@ class ImageService:
             self.storage.mark_used(None, reference, *listed)
             return document
         validate_tag(reference)
+        fallback = REFERRERS_TAG.fullmatch(reference)
+        if fallback:
+            # Never a package set's tag: the tag schema clients fall back to.
+            index = stored_index(self.storage, "sha256:" + fallback.group(1))
+            if index is None:
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"tag": reference})
+            return index
         source = self.sources.resolve(reference)
         platforms = (request.platform,) if request.platform else self.settings.platforms
         if accept.index_format is not None and len(platforms) > 1:
@@ -109,6 +123,15 @@ class ImageService:
         # Without a list the client gets the first configured platform; only it is built.
         image = self.image(request, source, platforms[0], name, reference, may_build)
         return self._stored_manifest(image.manifests[accept.formats[0].name].digest)
+
+    def referrers(self, name: str, digest: str, artifact_type: str | None = None) -> Document:
+        """The index of the artifacts whose subject is the manifest `digest`
+        (empty if there are none), only those of `artifact_type` if given."""
+        parse_image_name(name, self.settings.max_packages)
+        validate_digest(digest)
+        index = stored_index(self.storage, digest) if is_sha256(digest) else None
+        index = index or referrers_index([])
+        return filter_referrers(index, artifact_type) if artifact_type else index
 
     def tags(self, name: str) -> list[str]:
         """The tags `name` can be pulled with, in ASCII order."""

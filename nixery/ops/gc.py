@@ -18,7 +18,10 @@ serving by digest the manifest, or the manifests a list names; see
    when served and named by no document; one is kept while every manifest
    it lists is, because clients pin images by a list's digest.
 4. Layer documents (a cache of packed layers, not roots) whose blob is gone
-   are removed.
+   are removed, and so are referrers documents (`referrers/...`, which
+   find an image manifest's bills of materials) whose manifest is gone.
+   The bills of materials are part of their image: its document names
+   them, so their blobs are kept and freed with it.
 5. Where marks are stored apart from what they mark (S3), a mark that a
    race left without its entry is removed once older than `grace`.
 
@@ -36,6 +39,8 @@ from dataclasses import dataclass, field
 
 from nixery.assembly.manifest import INDEX_TYPES, media_type_of, referenced_digests
 from nixery.images.model import BuiltImage, Layer
+from nixery.images.referrers import PREFIX as REFERRERS
+from nixery.images.referrers import artifact_blobs, subject_of
 from nixery.storage import Storage
 from nixery.storage.base import Entry
 
@@ -53,6 +58,7 @@ class GcReport:
     dropped_tombstones: list[str] = field(default_factory=list)
     removed_blobs: list[str] = field(default_factory=list)
     removed_layer_documents: list[str] = field(default_factory=list)
+    removed_referrers_documents: list[str] = field(default_factory=list)
     removed_marks: int = 0  # use marks left behind by an entry removed meanwhile
     freed_bytes: int = 0
     kept_blobs: int = 0
@@ -63,8 +69,9 @@ class GcReport:
         return (
             f"{verb} {len(self.removed_blobs)} blobs ({self.freed_bytes} bytes), "
             f"expired {len(self.expired_images)} images, "
-            f"dropped {len(self.dropped_tombstones)} tombstones and "
-            f"{len(self.removed_layer_documents)} layer documents; "
+            f"dropped {len(self.dropped_tombstones)} tombstones, "
+            f"{len(self.removed_layer_documents)} layer documents and "
+            f"{len(self.removed_referrers_documents)} referrers documents; "
             f"kept {self.kept_blobs} blobs ({self.kept_bytes} bytes)"
         )
 
@@ -89,6 +96,8 @@ def needed_blobs(storage: Storage, image: BuiltImage | None) -> set[str]:
     digests |= {layer.digest for layer in image.layers}
     for descriptor in image.manifests.values():
         digests.update(referenced_digests(storage.read_blob(descriptor.digest) or b""))
+    for index in image.referrers.values():
+        digests |= artifact_blobs(storage, index)
     return digests
 
 
@@ -166,6 +175,12 @@ def collect(
             digest = None
         if digest not in present:
             report.removed_layer_documents.append(entry.name)
+            if not dry_run:
+                storage.delete_document(entry.name)
+
+    for entry in list(storage.list_documents(REFERRERS)):
+        if subject_of(entry.name) not in present:
+            report.removed_referrers_documents.append(entry.name)
             if not dry_run:
                 storage.delete_document(entry.name)
 

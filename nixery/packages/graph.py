@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 STORE_DIR = "/nix/store"
+# Nix's base-32 alphabet (no e, o, u, t), used by newer Nix for NAR hashes.
+NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
 
 def store_path_name(path: str) -> str:
@@ -19,6 +21,12 @@ class StorePath:
     path: str
     nar_size: int
     references: tuple[str, ...]  # never includes `path` itself
+    nar_hash: str = ""  # SHA-256 of the path's NAR serialisation, lowercase hex
+
+    @property
+    def hash_part(self) -> str:
+        """`/nix/store/<hash>-curl-8.0` -> `<hash>`: unique within a store."""
+        return self.path.rsplit("/", 1)[-1].split("-", 1)[0]
 
     @property
     def name(self) -> str:
@@ -49,6 +57,7 @@ def parse_registration(text: str) -> dict[str, StorePath]:
     """Parse `nix-store --dump-db` output (the stable registration format).
 
     Each entry is: path, NAR hash, NAR size, deriver, reference count, refs.
+    The NAR hash is base-16 (Nix 2.8) or `sha256:` and base-32 (newer Nix).
     """
     lines = text.splitlines()
     paths: dict[str, StorePath] = {}
@@ -59,6 +68,21 @@ def parse_registration(text: str) -> dict[str, StorePath]:
             continue
         path, nar_size, count = lines[i], int(lines[i + 2]), int(lines[i + 4])
         refs = lines[i + 5 : i + 5 + count]
-        paths[path] = StorePath(path, nar_size, tuple(sorted(r for r in refs if r != path)))
+        references = tuple(sorted(r for r in refs if r != path))
+        paths[path] = StorePath(path, nar_size, references, sha256_hex(lines[i + 1]))
         i += 5 + count
     return paths
+
+
+def sha256_hex(nar_hash: str) -> str:
+    """A registration's SHA-256 NAR hash as lowercase hex, whichever way Nix wrote it."""
+    value = nar_hash.strip().removeprefix("sha256:")
+    if len(value) == 64:
+        return value.lower()
+    if len(value) != 52 or any(c not in NIX32 for c in value):
+        raise ValueError(f"not a SHA-256 NAR hash: {nar_hash[:80]!r}")
+    # Nix's base-32 lists the digest's bits from the last 5-bit group to the first.
+    number = 0
+    for c in value:
+        number = number * 32 + NIX32.index(c)
+    return number.to_bytes(32, "little").hex()

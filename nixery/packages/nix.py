@@ -95,6 +95,41 @@ class ResolvedPackage:
 
 
 @dataclass(frozen=True)
+class PackageMetadata:
+    """What the package set says about one output of a derivation the image
+    was built from (None where it does not say), for bills of materials."""
+
+    path: str  # the output's store path
+    output: str | None = None  # the output's name (out, lib, bin, ...)
+    name: str | None = None
+    version: str | None = None
+    licenses: tuple[str, ...] = ()  # SPDX ids
+    homepage: str | None = None
+    description: str | None = None
+    source: str | None = None  # where the source was downloaded from
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> PackageMetadata:
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return value if isinstance(value, str) and value else None
+
+        licenses = tuple(x for x in data.get("licenses") or () if isinstance(x, str) and x)
+        return PackageMetadata(
+            str(data["path"]), text("output"), text("name"), text("version"), licenses,
+            text("homepage"), text("description"), text("source"),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Resolved packages and the metadata of everything they were built from."""
+
+    packages: list[ResolvedPackage]
+    metadata: Mapping[str, PackageMetadata]  # output path -> its metadata
+
+
+@dataclass(frozen=True)
 class PackageInfo:
     """What the package set says about a name, for people looking it up."""
 
@@ -208,12 +243,43 @@ class Nix:
     ) -> list[ResolvedPackage]:
         """Look every name up at once; raise UnknownPackages naming all misses
         and, with Nix's reason, every name that refuses to evaluate."""
+        return self._resolve(source, system, packages, overlays, on_log, False).packages
+
+    def resolve_with_metadata(
+        self,
+        source: NixSource,
+        system: str,
+        packages: Sequence[str],
+        overlays: Sequence[str] = (),
+        on_log: LogListener | None = None,
+    ) -> Resolution:
+        """`resolve`, with the metadata of the packages' build graphs read in
+        the same evaluation (where a separate one would evaluate it all again)."""
+        return self._resolve(source, system, packages, overlays, on_log, True)
+
+    def _resolve(
+        self,
+        source: NixSource,
+        system: str,
+        packages: Sequence[str],
+        overlays: Sequence[str],
+        on_log: LogListener | None,
+        metadata: bool,
+    ) -> Resolution:
         args: dict[str, Any] = {
             "system": system,
             "packages": list(packages),
             "overlays": list(overlays),
         }
-        result = self._evaluate(source, args, on_log)
+        try:
+            result = self._evaluate(source, {**args, "metadata": metadata}, on_log)
+        except BuildFailed as exc:
+            if not metadata:
+                raise
+            # Metadata is informative: `tryEval` cannot catch every error
+            # (an `abort` in a `meta`), so without it the image still builds.
+            log.warning("reading package metadata failed, evaluating without: %s", exc.log_tail)
+            result = self._evaluate(source, args, on_log)
         if result["unknown"] or result["refused"]:
             refused = sorted(result["refused"])
             reasons = {
@@ -225,10 +291,16 @@ class Nix:
             raise UnknownPackages(
                 sorted(result["unknown"]), reasons, overlays_applied=result.get("overlaysApplied")
             )
-        return [
+        resolved = [
             ResolvedPackage(p["name"], p["attrPath"], p["drv"], p["out"], p["output"])
             for p in result["packages"]
         ]
+        entries = (PackageMetadata.from_json(m) for m in result.get("metadata") or ())
+        # An output built by two derivations of the walk keeps the first one's entry.
+        found: dict[str, PackageMetadata] = {}
+        for entry in entries:
+            found.setdefault(entry.path, entry)
+        return Resolution(resolved, found)
 
     def _refusal(self, source: NixSource, args: dict[str, Any]) -> str:
         """Why the one package in `args` refuses to evaluate: the first

@@ -46,6 +46,14 @@
   <p>Packages come from <code>{{source}}</code>, revision <code class="rev">{{revision}}</code>.</p>
 </section>
 
+<section>
+  <h2>Software bills of materials</h2>
+  <p>Every image comes with an SPDX 2.3 and a CycloneDX 1.6 bill of materials listing each
+  store path in it, attached to its manifest as OCI referrers. Scanners and
+  <code>oras discover {{host}}/{{example}}:latest</code> find them; each built image's page
+  links them.</p>
+</section>
+
 % if running:
 <section>
   <h2>Building now</h2>

@@ -65,3 +65,25 @@ share with other images come first.</figcaption>
   <li>{{fmt}}: <code class="digest">{{desc.digest}}</code></li>
 % end
 </ul>
+
+<h2>Software bills of materials</h2>
+% if sboms:
+<p>Every store path of the image, with its version, NAR hash, licence and homepage where
+the package set knows them, and the references between them. Each manifest has its own,
+attached as OCI referrers: clients list them with
+% if records:
+<code>oras discover {{host}}/{{records[0].image}}:{{records[0].tag}}</code>.</p>
+% else:
+the referrers API.</p>
+% end
+<ul class="sboms">
+% for fmt, files in sorted(sboms.items()):
+  % for filename, blob in files:
+  <li>{{fmt}} manifest: <a href="/images/{{key}}/sbom/{{blob.digest}}" download="{{filename}}">{{filename}}</a>
+    <span class="muted">({{blob.media_type}}, {{size(blob.size)}})</span></li>
+  % end
+% end
+</ul>
+% else:
+<p class="muted">This image was built before bills of materials were made; pulling it again adds them.</p>
+% end

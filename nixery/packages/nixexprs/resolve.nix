@@ -12,6 +12,7 @@
 #   describe = true;        # optional: add `version` and `description`
 #   listAttributes = true;  # optional: add the set's top-level names
 #   explain = true;         # optional: fail with the error of the first refused name
+#   metadata = true;        # optional: add `metadata`, see below
 # }
 #
 # Result: { unknown = [ name ... ]; refused = [ name ... ]; packages = [ {
@@ -20,7 +21,11 @@
 # exists but throws when evaluated (an unfree, broken or insecure package, a
 # removed alias); `overlaysApplied` says how the overlays were applied
 # ("none", "overlays-argument", "appendOverlays" or "on-top"); with
-# `listAttributes`, also `attributes`.
+# `listAttributes`, also `attributes`. With `metadata`, also `metadata`: for
+# the packages found and every derivation they were built from, one entry
+# per output: { path, output, name, version, licenses (SPDX ids), homepage,
+# description, source } (the software bill of materials reads it; a value
+# that is missing or fails to evaluate is null).
 { argsFile }:
 let
   args = builtins.fromJSON (builtins.readFile argsFile);
@@ -109,6 +114,80 @@ let
     description = stringOrNull (v.meta.description or null);
   };
 
+  # `tryEval` catches `throw` and `assert` only, so every value is checked
+  # for its type before it is used.
+  safe = f: v: let t = builtins.tryEval (f v); in t.success && t.value;
+
+  # Metadata of the build graph, walked through the derivations' arguments
+  # (where nixpkgs keeps build inputs, `src` and `stdenv`): evaluating
+  # `drvPath` has forced all of them already, so the walk costs little.
+  inputsOf = drv:
+    let
+      attrs = drv.drvAttrs or { };
+      values = if safe builtins.isAttrs attrs then builtins.attrValues attrs else [ ];
+      expand = v:
+        if safe isDerivation v then [ v ]
+        else if safe builtins.isList v then builtins.filter (safe isDerivation) v
+        else [ ];
+    in
+    builtins.concatMap expand values;
+  keyOf = drv:
+    let p = stringOrNull (drv.drvPath or null);
+    in if p == null then null else builtins.unsafeDiscardStringContext p;
+  graphNode = drv: { key = keyOf drv; inherit drv; };
+  buildGraph = roots:
+    builtins.filter (n: n.key != null) (builtins.genericClosure {
+      startSet = builtins.filter (n: n.key != null) (map graphNode roots);
+      operator = node: builtins.filter (n: n.key != null) (map graphNode (inputsOf node.drv));
+    });
+
+  listOf = v: if safe builtins.isList v then v else [ v ];
+  spdxId = l: if safe builtins.isAttrs l then stringOrNull (l.spdxId or null) else null;
+  spdxIds = license: builtins.filter (id: id != null) (map spdxId (listOf license));
+  firstString = v:
+    let l = builtins.filter (safe builtins.isString) (listOf v);
+    in if l == [ ] then null else builtins.head l;
+  # nixpkgs' fetchurl keeps `mirror://site/file` URLs; they are resolved with
+  # the set's own list of mirrors (the first of each site), when it has one.
+  mirrorsFile = if safe builtins.isPath (pkgs.path or null)
+    then pkgs.path + "/pkgs/build-support/fetchurl/mirrors.nix" else null;
+  mirrors = if mirrorsFile != null && builtins.pathExists mirrorsFile
+    then import mirrorsFile else { };
+  resolveMirror = url:
+    let m = builtins.match "mirror://([^/]+)/(.*)" url;
+    in if m == null then url
+    else let site = mirrors.${builtins.head m} or [ ]; in
+      if safe builtins.isList site && site != [ ] && safe builtins.isString (builtins.head site)
+      then builtins.head site + builtins.elemAt m 1
+      else null;
+  sourceUrl = drv:
+    let
+      src = drv.src or null;
+      url = if safe builtins.isAttrs src then firstString (src.urls or src.url or null) else null;
+    in
+    if url == null then null else resolveMirror url;
+  outputsOf = drv:
+    let o = drv.outputs or [ "out" ]; in
+    if safe builtins.isList o then builtins.filter (safe builtins.isString) o else [ "out" ];
+  metadataOf = drv:
+    let
+      meta = if safe builtins.isAttrs (drv.meta or null) then drv.meta else { };
+      about = {
+        name = stringOrNull (drv.pname or null);
+        version = stringOrNull (drv.version or null);
+        licenses = spdxIds (meta.license or [ ]);
+        homepage = firstString (meta.homepage or null);
+        description = stringOrNull (meta.description or null);
+        source = sourceUrl drv;
+      };
+      entry = output:
+        let path = stringOrNull (drv.${output}.outPath or null);
+        in if path == null then null
+        else about // { inherit output; path = builtins.unsafeDiscardStringContext path; };
+    in
+    builtins.filter (e: e != null) (map entry (outputsOf drv));
+  collectMetadata = roots: builtins.concatMap (n: metadataOf n.drv) (buildGraph roots);
+
   refuse = name:
     if args.explain or false
     then builtins.seq (force pkgs (splitName name)) { inherit name; refused = true; }
@@ -134,10 +213,14 @@ let
     } // (if args.describe or false then describe r.value else { });
 
   results = map resolve args.packages;
+  found = builtins.filter (r: r ? drv) results;
 in
 {
   unknown = map (r: r.name) (builtins.filter (r: r ? unknown) results);
   refused = map (r: r.name) (builtins.filter (r: r ? refused) results);
-  packages = builtins.filter (r: r ? drv) results;
+  packages = found;
   overlaysApplied = loaded.mode;
 } // (if args.listAttributes or false then { attributes = builtins.attrNames pkgs; } else { })
+  // (if args.metadata or false
+      then { metadata = collectMetadata (map (r: (lookup pkgs (splitName r.name)).value) found); }
+      else { })
