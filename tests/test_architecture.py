@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("importlinter")  # a linter: not among the Nix package's check inputs
-
 ROOT = Path(__file__).parent.parent
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-pytestmark = pytest.mark.skipif(
-    not (ROOT / ".importlinter").exists(), reason="needs the whole repository"
-)
+# The import rules are a check of the repository, with a linter the Nix
+# package's check phase does not bring.
+pytestmark = pytest.mark.repo
 
 
 def lint(tree: Path, *contracts: str) -> subprocess.CompletedProcess[str]:

@@ -33,10 +33,8 @@ from nixery.cli import main
 
 ROOT = Path(__file__).parent.parent
 # The Nix package's source holds the code, tests and docs, not the scripts and
-# CI files these checks hold the pages against.
-pytestmark = pytest.mark.skipif(
-    not (ROOT / ".ci" / "run").exists(), reason="needs the whole repository"
-)
+# CI files these checks hold the pages against: a check of the repository.
+pytestmark = pytest.mark.repo
 PAGES = [
     page
     for page in [
@@ -68,12 +66,16 @@ RUN_ELSEWHERE: dict[str, tuple[str, tuple[str, ...]]] = {
     ".venv/bin/python -m tests.s3server": ("tests/conftest.py", ("s3server.start(",)),
     ".venv/bin/python -m benchmarks.s3": ("benchmarks/README.md", ("benchmarks.s3",)),
 }
-# Pages whose shell blocks a test runs as written, in order: the test file and
-# what it must contain for the claim to hold.
-RUN_AS_PAGE: dict[str, tuple[str, tuple[str, ...]]] = {
-    "docs/organisations.md": (
+# Blocks a test runs as written, by page and block language: the test file
+# and what it must contain for the claim to hold.
+RUN_AS_WRITTEN: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("docs/organisations.md", "sh"): (
         "tests/test_organisation.py",
         ('"docs" / "organisations.md"', 'page_blocks("sh")', "run_block("),
+    ),
+    ("docs/sbom.md", "console"): (
+        "tests/test_e2e_sbom.py",
+        ('"docs" / "sbom.md"', "console_example(", "def test_the_example_runs_as_written"),
     ),
 }
 # Top-level entries of the repository: a word starting with one is a path.
@@ -170,20 +172,19 @@ def shell_commands() -> list[Command]:
     return [
         c
         for page in PAGES
-        if page.relative_to(ROOT).as_posix() not in RUN_AS_PAGE
         for b in blocks(page)
-        if b.lang in SHELL
+        if b.lang in SHELL and (page.relative_to(ROOT).as_posix(), b.lang) not in RUN_AS_WRITTEN
         for c in split_commands(b)
     ]
 
 
-@pytest.mark.parametrize("page", RUN_AS_PAGE)
-def test_pages_run_as_written_are_run_by_their_test(page: str) -> None:
-    runner, needles = RUN_AS_PAGE[page]
-    assert (ROOT / page).exists()
+@pytest.mark.parametrize(("page", "lang"), RUN_AS_WRITTEN)
+def test_blocks_run_as_written_are_run_by_their_test(page: str, lang: str) -> None:
+    runner, needles = RUN_AS_WRITTEN[page, lang]
+    assert any(b.lang == lang for b in blocks(ROOT / page)), f"{page} has no {lang} block"
     text = (ROOT / runner).read_text()
     for needle in needles:
-        assert needle in text, f"{runner} does not run the blocks of {page} (no {needle!r})"
+        assert needle in text, f"{runner} does not run the {lang} blocks of {page} (no {needle!r})"
 
 
 def parse_nixery(args: list[str]) -> None:

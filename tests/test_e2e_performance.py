@@ -180,7 +180,9 @@ def test_32_concurrent_pulls_of_one_image_build_it_once(
     start_server: StartServer, gates: Callable[..., list[GatedPackage]]
 ) -> None:
     (slowone,) = gates("slowone")
-    server = start_server(*overlays(slowone))
+    # All 32 come from one address: let each have a worker, since this is
+    # about one build per image, not about each address's share of workers.
+    server = start_server(*overlays(slowone), "--max-active-per-address", "32")
     with ThreadPoolExecutor(32) as pool:
         pulls = [pool.submit(pull, server, "slowone") for _ in range(32)]
         # All 32 wait for the one build before it may finish.

@@ -5,6 +5,7 @@ image's closure, each store path once."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -159,3 +160,44 @@ def test_an_image_stored_without_sboms_gets_them_on_its_next_pull(
     assert json.loads(document.read_bytes())["referrers"] == record["referrers"]
     listed = call(registry.host, "GET", f"/v2/{IMAGE}/referrers/{digest}").json()["manifests"]
     assert len(listed) == 2
+
+
+def console_example(page: Path) -> list[tuple[str, list[str]]]:
+    """The `console` block of a page: each `$ ` command with the lines it prints."""
+    text = page.read_text()
+    block = text.split("```console\n", 1)[1].split("```\n", 1)[0]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return steps
+
+
+def shape(output: str) -> Any:
+    """JSON with digests and sizes blanked: they depend on the package set."""
+    blanked = re.sub(r"sha256:[0-9a-f]{64}", "sha256:-", output)
+    return json.loads(re.sub(r'"size":\d+', '"size":0', blanked))
+
+
+def test_the_example_runs_as_written(registry: Server, image: object, tmp_path: Path) -> None:
+    require("skopeo", "curl", "jq")
+    steps = console_example(Path(__file__).parent.parent / "docs" / "sbom.md")
+    assert len(steps) >= 5
+    script = ["set -euo pipefail"]
+    for number, (command, _) in enumerate(steps):
+        # A separator on a line of its own: curl prints no newline at the end.
+        script += [f"printf '\\n>>> {number}\\n'", command.replace("127.0.0.1:8080", registry.host)]
+    run = subprocess.run(
+        ["bash", "-c", "\n".join(script)],
+        cwd=tmp_path, check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    printed = re.split(r"^>>> \d+\n", run.stdout, flags=re.MULTILINE)[1:]
+    assert len(printed) == len(steps)
+    for (command, expected), output in zip(steps, printed, strict=True):
+        assert [shape(line) for line in output.splitlines() if line] == [
+            shape(line) for line in expected
+        ], command
+    document = json.loads((tmp_path / "sbom.spdx.json").read_text())
+    assert document["spdxVersion"] == "SPDX-2.3"

@@ -151,7 +151,7 @@ def assert_served_as_data(trace: list[dict], own_dirs: tuple[str, ...] = ()) -> 
                     arg in NIX_STORE_FLAGS
                     or arg.isdigit()
                     or STORE_PATH.fullmatch(plain)
-                    or re.fullmatch(r"/[\w/.-]*/nixery-roots-\w+/out", arg)
+                    or re.fullmatch(r"/[\w/.-]*/nixery-gc-roots/build-\d+-\w+/out", arg)
                     or arg.startswith(own_dirs)
                 ), (arg, argv)
         else:

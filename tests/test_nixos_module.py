@@ -27,7 +27,7 @@ PACKAGE = STUB_STORE + "nixery-0.1.0"
 NIXPKGS = STUB_STORE + "nixpkgs-source"
 CHECKED = STUB_STORE + "nixery-checked.toml"
 RENDERED = STUB_STORE + "nixery.toml"
-UNIT_TESTS = "not e2e and not nix"
+UNIT_TESTS = "not e2e and not nix and not repo"
 
 
 def nix_files() -> list[Path]:

@@ -30,7 +30,7 @@ HERE = Path(__file__).parent / "nixos"
 # memory is simply left uncollected.
 NIX_ENV = {**os.environ, "GC_DONT_GC": "1"}
 STATE_DIR = "/var/lib/nixery"
-LINTERS = ("pytest", "ruff", "mypy")
+LINTERS = ("pytest", "ruff", "mypy", "import-linter")
 
 
 def nix_eval(file: str, **args: str) -> Any:

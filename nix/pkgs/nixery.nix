@@ -74,7 +74,7 @@ python3Packages.buildPythonApplication {
   # built from the host's files, and real registry clients.
   pytestFlagsArray = [
     "-m"
-    "not e2e and not nix"
+    "not e2e and not nix and not repo"
   ];
   pythonImportsCheck = [ "nixery" ];
 
