@@ -531,10 +531,11 @@ def temporary_roots(directory: str) -> Iterator[str]:
     """A directory for GC roots that live only as long as a build.
 
     The cache keeps layer tarballs, not store paths, so store paths need a
-    root only between their build and the packing of their layers. Nix
-    registers each root by the path of its link, and the collector follows
-    that path in its own view of the file system: `directory` must be one
-    it shares (a service's private /tmp is not).
+    root only from the evaluation (the derivations it writes) until the
+    packing of their layers. Nix registers each root by the path of its
+    link, and the collector follows that path in its own view of the file
+    system: `directory` must be one it shares (a service's private /tmp is
+    not).
     """
     os.makedirs(directory, exist_ok=True)
     remove_stale_roots(directory)
