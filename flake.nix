@@ -86,6 +86,8 @@
                   ];
                 };
               }
+              # The import contracts (.importlinter) run in scripts/test only:
+              # nixpkgs 24.11 has no import-linter.
               ''
                 cd "$src"
                 ruff check --no-cache .

@@ -113,7 +113,8 @@ def _source_options(command: Any) -> Any:
             default=default_gc_roots_dir,
             show_default="$XDG_CACHE_HOME/nixery-gc-roots",
             envvar="NIXERY_GC_ROOTS_DIR",
-            help="Directory for the GC roots that keep an image's store paths until packed; "
+            help="Directory for the GC roots that keep an image's derivations and store paths "
+            "from its evaluation until packed; "
             "the Nix garbage collector must see it (not a private /tmp).",
         ),
         click.option(

@@ -1,5 +1,6 @@
-"""The GC roots that keep an image's store paths alive while it is built must
-be where the Nix garbage collector looks for them.
+"""The GC roots that keep an image's derivations and store paths alive while
+it is built must exist from the evaluation on, and be where the Nix garbage
+collector looks for them.
 
 A systemd service with `PrivateTmp=true` has a /tmp of its own, which the
 nix-daemon (the collector) does not see: a root registered there points
@@ -7,12 +8,13 @@ nowhere for the collector. Here the registry runs with such a private
 directory (bubblewrap mounts a tmpfs over it for the server only, and it is
 the server's TMPDIR) against a single-user Nix store of the test's own, so
 the collector can run without touching the machine's store. `nix-store
---gc` runs in a loop from the moment the registry's `nix-store --realise`
-has built the image's packages (while it runs, Nix's own temporary roots
-keep what it uses) until the image is packed; a wrapper around the server's
-`nix-store` holds the closure query (the first step after the build) until
-one whole collection has run, so every build meets the collector between
-building its paths and packing them.
+--gc` runs in a loop for the whole request, evaluation included (while a
+Nix command runs, Nix's own temporary roots keep what it uses), and a
+wrapper around the server's `nix-store` holds each call that follows a
+step of the build (`--realise`, after the evaluation has written the
+packages' derivations; `--query`, after the build) until one whole
+collection has run since it was called. So every build meets the collector
+between the evaluation and the build, and between the build and the packing.
 """
 
 from __future__ import annotations
@@ -30,25 +32,23 @@ from typing import Any
 
 import pytest
 
+from nixery.errors import BuildFailed
+from nixery.packages.nix import Nix, NixSource
 from tests.clients import run, umoci_unpack
 from tests.conftest import FIXTURE_PKGS, free_port, require, wait_for
 from tests.http import call
 
 pytestmark = pytest.mark.e2e
 
-# Tells the collector when the build is over (from then on its outputs have
-# only the registry's roots), and holds `nix-store --query` (the closure of
-# what was just built, the next step) until the collector has finished a
-# pass that started after the request.
+SOURCE = NixSource("path", str(FIXTURE_PKGS))
+
+# Holds every `nix-store --realise` (the build, whose derivations the
+# evaluation wrote just before) and `--query` (what was just written or
+# built is read next) until the collector has finished a pass that started
+# after the call.
 WRAPPER = """#!/bin/sh
 case " $* " in
-*" --realise "*)
-  @NIX_STORE@ "$@"
-  status=$?
-  : > "$NIXERY_TEST_SYNC/realised"
-  exit $status
-  ;;
-*" --query "*)
+*" --realise "*|*" --query "*)
   request="$NIXERY_TEST_SYNC/request.$$"
   : > "$request"
   i=0
@@ -95,9 +95,6 @@ class Collector:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not (self.sync / "realised").exists():
-                self._stop.wait(0.05)
-                continue
             waiting = [p for p in self.sync.glob("request.*") if p.suffix != ".done"]
             proc = subprocess.run(
                 ["nix-store", "--gc"], env=self.store.env, capture_output=True, text=True
@@ -195,7 +192,9 @@ def test_collection_during_a_build_keeps_the_images_paths(
     with Collector(store, start_registry.sync) as collector:
         response = call(registry.host, "GET", "/v2/hello/manifests/latest", timeout=600)
         assert response.status == 200, response.body.decode()
-        assert list(start_registry.sync.glob("request.*.done")), "the build met no collection"
+        held = list(start_registry.sync.glob("request.*.done"))
+        # The build's --realise, the closure query and the result of the evaluation.
+        assert len(held) >= 3, "the build did not meet the collector at every step"
         passes = collector.passes
         layout = tmp_path / "layout"
         run(["skopeo", "copy", "--src-tls-verify=false",
@@ -222,7 +221,33 @@ def test_roots_the_collector_cannot_see_do_not_keep_the_paths(
     registry = start_registry("--gc-roots-dir", str(hidden))
     with Collector(store, start_registry.sync):
         response = call(registry.host, "GET", "/v2/hello/manifests/latest", timeout=600)
-    # The collector deleted what was built before it was packed.
+    # The collector deleted what the evaluation wrote before it was read.
     assert response.status == 500, response.body.decode()
-    assert "querying the closure failed" in response.body.decode()
-    assert "is not valid" in response.body.decode()
+    assert "reading the evaluation's result failed" in response.body.decode()
+    assert "nixery-resolution.drv' does not exist" in response.body.decode()
+
+
+def test_derivations_are_rooted_from_the_evaluation_on(store: Store, tmp_path: Path) -> None:
+    """A collection between the evaluation and the build, through the calls
+    the registry makes: the derivations survive only with the roots."""
+    nix = Nix(timeout=600, env=store.env, gc_roots_dir=str(tmp_path / "gc-roots"))
+    with nix.temporary_roots() as roots:
+        packages = nix.resolve(SOURCE, "x86_64-linux", ["hello"], roots=roots)
+        collect(store)
+        assert all(store.valid(p.drv) for p in packages)
+        [out] = nix.realise(packages, roots=roots)
+        collect(store)
+        assert store.valid(out)
+    collect(store)
+    assert not store.valid(out)
+    assert not any(store.valid(p.drv) for p in packages)
+    # Without roots, the evaluation leaves its derivations to the collector.
+    packages = nix.resolve(SOURCE, "x86_64-linux", ["hello"])
+    collect(store)
+    assert not any(store.valid(p.drv) for p in packages)
+    with pytest.raises(BuildFailed, match="building the image's packages failed"):
+        nix.realise(packages)
+
+
+def collect(store: Store) -> None:
+    subprocess.run(["nix-store", "--gc"], env=store.env, check=True, capture_output=True)

@@ -30,6 +30,8 @@ HERE = Path(__file__).parent / "nixos"
 # memory is simply left uncollected.
 NIX_ENV = {**os.environ, "GC_DONT_GC": "1"}
 STATE_DIR = "/var/lib/nixery"
+# Not check inputs of the Nix package (nix/pkgs/nixery.nix leaves them out);
+# import-linter is not in nixpkgs 24.11 at all.
 LINTERS = ("pytest", "ruff", "mypy", "import-linter")
 
 

@@ -19,7 +19,9 @@ let
     );
   fromPyPI = requirement: python3Packages.${pypiName requirement};
 
-  # The linters run in the flake's `lint` check, not in the package build.
+  # The linters are not check inputs of the package: the flake's `lint` check
+  # runs ruff; mypy and import-linter (which nixpkgs 24.11 does not package)
+  # run in scripts/test.
   linters = [
     "pytest"
     "ruff"

@@ -47,7 +47,13 @@ from nixery.leases import Leases
 from nixery.packages.catalog import Catalog
 from nixery.packages.graph import ClosureGraph, store_path_name
 from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
-from nixery.packages.nix import OVERLAY_MODES, Nix, PackageMetadata, ResolvedPackage
+from nixery.packages.nix import (
+    OVERLAY_MODES,
+    Nix,
+    PackageMetadata,
+    Resolution,
+    ResolvedPackage,
+)
 from nixery.packages.platforms import Platform
 from nixery.packages.popularity import Counts
 from nixery.packages.sources import ResolvedSource, Sources
@@ -138,14 +144,45 @@ class BuildPipeline:
         popularity: Counts,
     ) -> tuple[BuiltImage, list[bool], BuildProfile]:
         started = time.perf_counter()
-        on_log = self._log_listener(build)
+        # The roots keep the packages' derivations (written by the evaluation),
+        # then their closure, from Nix's garbage collector until packed.
+        with self.nix.temporary_roots() as roots:
+            resolution = self._resolve(build, request, source, platform, roots)
+            evaluated = time.perf_counter()
+            packages = resolution.packages
+            user = NONROOT_USER if request.nonroot else None
+            built, packed, profile = self._pack(
+                packages, resolution.metadata, platform, build, popularity, roots, user
+            )
+        stored = time.perf_counter()
+        self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
+        done = time.perf_counter()
+        profile = replace(
+            profile,
+            evaluate=evaluated - started,
+            documents=profile.documents + done - stored,
+            total=done - started,
+            metadata_entries=len(resolution.metadata),
+        )
+        return built, packed, profile
+
+    def _resolve(
+        self,
+        build: Build,
+        request: ImageRequest,
+        source: ResolvedSource,
+        platform: Platform,
+        roots: str,
+    ) -> Resolution:
+        """The image's packages; names that do not resolve are a 404 with details."""
         try:
-            resolution = self.nix.resolve_with_metadata(
+            return self.nix.resolve_with_metadata(
                 self.sources.nix_source(source),
                 platform.nix_system,
                 request.packages,
                 self.settings.overlays,
-                on_log,
+                self._log_listener(build),
+                roots,
             )
         except UnknownPackages as exc:
             detail: dict[str, Any] = {}
@@ -159,23 +196,6 @@ class BuildPipeline:
             if self.settings.overlays:
                 detail["overlays"] = _overlays_detail(self.settings.overlays, exc)
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
-        evaluated = time.perf_counter()
-        packages = resolution.packages
-        user = NONROOT_USER if request.nonroot else None
-        built, packed, profile = self._pack(
-            packages, resolution.metadata, platform, build, popularity, user
-        )
-        stored = time.perf_counter()
-        self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
-        done = time.perf_counter()
-        profile = replace(
-            profile,
-            evaluate=evaluated - started,
-            documents=profile.documents + done - stored,
-            total=done - started,
-            metadata_entries=len(resolution.metadata),
-        )
-        return built, packed, profile
 
     def _pack(
         self,
@@ -184,23 +204,22 @@ class BuildPipeline:
         platform: Platform,
         build: Build,
         popularity: Counts,
+        roots: str,
         user: ImageUser | None = None,
     ) -> tuple[BuiltImage, list[bool], BuildProfile]:
-        """Build the packages and store the image; say which layers were packed
-        and where the time went."""
+        """Build the packages (rooted in `roots`) and store the image; say
+        which layers were packed and where the time went."""
         started = time.perf_counter()
         self._phase(build, "building")
-        # The roots keep the closure from Nix's garbage collector until packed.
-        with self.nix.temporary_roots() as roots:
-            outs = self.nix.realise(packages, self._log_listener(build), roots)
-            realised = time.perf_counter()
-            graph = self.nix.closure(outs)
-            self._check_size(graph)
-            groups = self.group(graph, packages, popularity.popularity)
-            grouped = time.perf_counter()
-            self._phase(build, "packing", total=len(groups) + 1)
-            results = self.packer.pack(groups, packages, lambda: self._advance(build), user)
-            packed = time.perf_counter()
+        outs = self.nix.realise(packages, self._log_listener(build), roots)
+        realised = time.perf_counter()
+        graph = self.nix.closure(outs)
+        self._check_size(graph)
+        groups = self.group(graph, packages, popularity.popularity)
+        grouped = time.perf_counter()
+        self._phase(build, "packing", total=len(groups) + 1)
+        results = self.packer.pack(groups, packages, lambda: self._advance(build), user)
+        packed = time.perf_counter()
         self._phase(build, "storing")
         built = self._store_image(packages, platform, [r.layer for r in results], user)
         manifests_stored = time.perf_counter()

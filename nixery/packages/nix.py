@@ -207,23 +207,45 @@ class Nix:
         return env
 
     def _evaluate(
-        self, source: NixSource, args: dict[str, Any], on_log: LogListener | None = None
+        self,
+        source: NixSource,
+        args: dict[str, Any],
+        on_log: LogListener | None = None,
+        roots: str | None = None,
     ) -> Any:
-        """Run `resolve.nix` on `args` (with `source`), handed over as a JSON file."""
+        """Run `resolve.nix` on `args` (with `source`), handed over as a JSON file.
+
+        With `roots` (a directory from `temporary_roots`), the derivations of
+        the packages found get a GC root there before the evaluating process
+        ends, so no garbage collection can delete them before they are built.
+        """
+        if roots is not None:
+            args = {**args, "instantiate": True}
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="nixery-args-") as fh:
             json.dump({"source": source.to_json(), **args}, fh)
             fh.flush()
             os.chmod(fh.name, 0o644)
             with resources.as_file(resources.files("nixery.packages") / "nixexprs") as exprs:
                 flakes = FLAKES if source.kind == "flake" else []
+                # `nix-instantiate --eval` cannot add roots: with `roots`,
+                # the result comes inside a derivation that is rooted instead.
+                mode = (
+                    ["--add-root", os.path.join(roots, "resolution"), "--indirect"]
+                    if roots is not None
+                    else ["--eval", "--strict", "--json", "--read-write-mode"]
+                )
                 argv = [
-                    "nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
-                    *flakes, *self._options(), str(exprs / "resolve.nix"),
-                    "--argstr", "argsFile", fh.name,
+                    "nix-instantiate", *mode, *flakes, *self._options(),
+                    str(exprs / "resolve.nix"), "--argstr", "argsFile", fh.name,
                 ]  # fmt: skip
                 config = {"NIXPKGS_CONFIG": str(exprs / "nixpkgs-config.nix")}
                 completed = self._run(argv, "evaluating the package set", on_log=on_log, env=config)
-                result = json.loads(completed.stdout)
+        if roots is None:
+            result = json.loads(completed.stdout)
+        else:
+            # nix-instantiate prints the root, a link to the derivation.
+            argv = ["nix-store", "--query", "--binding", "result", completed.stdout.strip()]
+            result = json.loads(self._run(argv, "reading the evaluation's result").stdout)
         self._report_overlays(result.get("overlaysApplied"), len(args.get("overlays") or ()))
         return result
 
@@ -240,10 +262,18 @@ class Nix:
         packages: Sequence[str],
         overlays: Sequence[str] = (),
         on_log: LogListener | None = None,
+        roots: str | None = None,
     ) -> list[ResolvedPackage]:
         """Look every name up at once; raise UnknownPackages naming all misses
-        and, with Nix's reason, every name that refuses to evaluate."""
-        return self._resolve(source, system, packages, overlays, on_log, False).packages
+        and, with Nix's reason, every name that refuses to evaluate.
+
+        With `roots` (a directory from `temporary_roots`, to be given to
+        `realise` too), the packages' derivations are rooted there from the
+        moment the evaluation writes them: without it they have no root
+        until `realise` starts, and a garbage collection in between fails
+        the build.
+        """
+        return self._resolve(source, system, packages, overlays, on_log, False, roots).packages
 
     def resolve_with_metadata(
         self,
@@ -252,10 +282,11 @@ class Nix:
         packages: Sequence[str],
         overlays: Sequence[str] = (),
         on_log: LogListener | None = None,
+        roots: str | None = None,
     ) -> Resolution:
         """`resolve`, with the metadata of the packages' build graphs read in
         the same evaluation (where a separate one would evaluate it all again)."""
-        return self._resolve(source, system, packages, overlays, on_log, True)
+        return self._resolve(source, system, packages, overlays, on_log, True, roots)
 
     def _resolve(
         self,
@@ -265,6 +296,7 @@ class Nix:
         overlays: Sequence[str],
         on_log: LogListener | None,
         metadata: bool,
+        roots: str | None = None,
     ) -> Resolution:
         args: dict[str, Any] = {
             "system": system,
@@ -272,14 +304,14 @@ class Nix:
             "overlays": list(overlays),
         }
         try:
-            result = self._evaluate(source, {**args, "metadata": metadata}, on_log)
+            result = self._evaluate(source, {**args, "metadata": metadata}, on_log, roots)
         except BuildFailed as exc:
             if not metadata:
                 raise
             # Metadata is informative: `tryEval` cannot catch every error
             # (an `abort` in a `meta`), so without it the image still builds.
             log.warning("reading package metadata failed, evaluating without: %s", exc.log_tail)
-            result = self._evaluate(source, args, on_log)
+            result = self._evaluate(source, args, on_log, roots)
         if result["unknown"] or result["refused"]:
             refused = sorted(result["refused"])
             reasons = {
@@ -409,15 +441,16 @@ class Nix:
         closures of those that built; failures are skipped, not fatal."""
         args: dict[str, Any] = {"system": system, "overlays": list(overlays), "packages": []}
         attributes = self._evaluate(source, {**args, "listAttributes": True})["attributes"]
-        listed = self._evaluate(source, {**args, "packages": attributes})["packages"]
-        by_out: dict[str, list[str]] = {}
-        installable: dict[str, str] = {}
-        for p in listed:
-            by_out.setdefault(p["out"], []).append(p["attrPath"])
-            installable.setdefault(p["out"], f"{p['drv']}!{p['output']}")
-        outs = sorted(by_out)
-        # Roots keep what was built from a concurrent garbage collection.
+        # Roots keep the derivations, then what was built, from a concurrent
+        # garbage collection.
         with self.temporary_roots() as roots:
+            listed = self._evaluate(source, {**args, "packages": attributes}, roots=roots)
+            by_out: dict[str, list[str]] = {}
+            installable: dict[str, str] = {}
+            for p in listed["packages"]:
+                by_out.setdefault(p["out"], []).append(p["attrPath"])
+                installable.setdefault(p["out"], f"{p['drv']}!{p['output']}")
+            outs = sorted(by_out)
             for done in range(0, len(outs), batch):
                 argv = ["nix-store", "--realise", "--keep-going"]
                 argv += ["--add-root", os.path.join(roots, f"batch{done}"), *self._options()]
@@ -498,10 +531,11 @@ def temporary_roots(directory: str) -> Iterator[str]:
     """A directory for GC roots that live only as long as a build.
 
     The cache keeps layer tarballs, not store paths, so store paths need a
-    root only between their build and the packing of their layers. Nix
-    registers each root by the path of its link, and the collector follows
-    that path in its own view of the file system: `directory` must be one
-    it shares (a service's private /tmp is not).
+    root only from the evaluation (the derivations it writes) until the
+    packing of their layers. Nix registers each root by the path of its
+    link, and the collector follows that path in its own view of the file
+    system: `directory` must be one it shares (a service's private /tmp is
+    not).
     """
     os.makedirs(directory, exist_ok=True)
     remove_stale_roots(directory)

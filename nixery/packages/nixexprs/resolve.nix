@@ -13,6 +13,7 @@
 #   listAttributes = true;  # optional: add the set's top-level names
 #   explain = true;         # optional: fail with the error of the first refused name
 #   metadata = true;        # optional: add `metadata`, see below
+#   instantiate = true;     # optional: return the result inside a derivation, see below
 # }
 #
 # Result: { unknown = [ name ... ]; refused = [ name ... ]; packages = [ {
@@ -26,6 +27,14 @@
 # per output: { path, output, name, version, licenses (SPDX ids), homepage,
 # description, source } (the software bill of materials reads it; a value
 # that is missing or fails to evaluate is null).
+#
+# With `instantiate`, the result comes as a derivation that is never built:
+# its `result` is the result as JSON, and it refers to the derivations of the
+# packages found (their .drv files, not their outputs). `nix-instantiate
+# --add-root` writes it and roots it in the evaluating process, which holds
+# Nix's temporary roots on every .drv it wrote until then, so the garbage
+# collector never sees the packages' derivations unrooted before they are
+# built; `nix-store --query --binding result` reads the result back.
 { argsFile }:
 let
   args = builtins.fromJSON (builtins.readFile argsFile);
@@ -214,13 +223,26 @@ let
 
   results = map resolve args.packages;
   found = builtins.filter (r: r ? drv) results;
+
+  result = {
+    unknown = map (r: r.name) (builtins.filter (r: r ? unknown) results);
+    refused = map (r: r.name) (builtins.filter (r: r ? refused) results);
+    packages = found;
+    overlaysApplied = loaded.mode;
+  } // (if args.listAttributes or false then { attributes = builtins.attrNames pkgs; } else { })
+    // (if args.metadata or false
+        then { metadata = collectMetadata (map (r: (lookup pkgs (splitName r.name)).value) found); }
+        else { });
+
+  # The .drv file itself (a plain store path): a reference, not a build input.
+  drvFile = r: builtins.unsafeDiscardOutputDependency (lookup pkgs (splitName r.name)).value.drvPath;
 in
-{
-  unknown = map (r: r.name) (builtins.filter (r: r ? unknown) results);
-  refused = map (r: r.name) (builtins.filter (r: r ? refused) results);
-  packages = found;
-  overlaysApplied = loaded.mode;
-} // (if args.listAttributes or false then { attributes = builtins.attrNames pkgs; } else { })
-  // (if args.metadata or false
-      then { metadata = collectMetadata (map (r: (lookup pkgs (splitName r.name)).value) found); }
-      else { })
+if args.instantiate or false
+then derivation {
+  name = "nixery-resolution";
+  inherit (args) system;
+  builder = "nixery-resolution-is-never-built";
+  result = builtins.toJSON result;
+  derivations = map drvFile found;
+}
+else result
