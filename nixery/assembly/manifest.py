@@ -6,6 +6,7 @@ separators), and their digests are taken over exactly the bytes served.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -74,8 +75,9 @@ class Document:
     media_type: str
     data: bytes
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        # Cached: a kept manifest is served many times (see `images.served`).
         return "sha256:" + hashlib.sha256(self.data).hexdigest()
 
     def descriptor(self) -> Descriptor:

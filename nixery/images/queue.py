@@ -21,6 +21,7 @@ from nixery.errors import BuildNotAllowed, ErrorCode, QueueFull, RegistryError
 from nixery.images.activity import BuildEvents
 from nixery.images.model import FORMAT_VERSION, BuildSettings, BuiltImage, cache_key
 from nixery.images.pipeline import BuildPipeline
+from nixery.images.served import ServedImages
 from nixery.packages.names import ImageRequest
 from nixery.packages.platforms import Platform
 from nixery.packages.sources import LATEST, ResolvedSource
@@ -30,6 +31,7 @@ from nixery.storage import Storage
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER = 5  # seconds, before any build has been timed
+MAX_KEYS = 4096  # image keys remembered
 
 
 class BuildQueue:
@@ -53,6 +55,8 @@ class BuildQueue:
             settings.max_builds, settings.max_queue, "nixery-build"
         )
         self._asking = Count()  # requests inside a (possibly shared) build
+        self.served = ServedImages()  # images checked in storage, for warm requests
+        self._keys: dict[tuple[str, tuple[str, ...], str], str] = {}
 
     def image(
         self,
@@ -96,11 +100,7 @@ class BuildQueue:
         may_build: bool = True,
     ) -> Future[BuiltImage]:
         """The stored image, or its build queued (or joined, if one is running)."""
-        key = cache_key(
-            FORMAT_VERSION, source.revision, request.packages, platform.nix_system,
-            self.settings.overlays, self.settings.layer_budget, self.settings.encoding(),
-            sorted(self.popularity.items()),
-        )  # fmt: skip
+        key = self._image_key(source.revision, tuple(request.packages), platform.nix_system)
         doc_key = f"images/{key}.json"
         # The revision pins the package set, so a stored image is never stale.
         cached = self._stored_image(doc_key)
@@ -132,6 +132,22 @@ class BuildQueue:
             log.info("build queue: %d building, %d waiting", building, waiting)
         return future
 
+    def _image_key(self, revision: str, packages: tuple[str, ...], system: str) -> str:
+        # Remembered: hashing the popularity data on every request costs more
+        # than serving a stored manifest.
+        memo = (revision, packages, system)
+        key = self._keys.get(memo)
+        if key is None:
+            key = cache_key(
+                FORMAT_VERSION, revision, packages, system, self.settings.overlays,
+                self.settings.layer_budget, self.settings.encoding(),
+                sorted(self.popularity.items()),
+            )  # fmt: skip
+            if len(self._keys) >= MAX_KEYS:
+                self._keys.clear()
+            self._keys[memo] = key
+        return key
+
     def _retry_after(self) -> int:
         """Seconds a refused client should wait: about one build."""
         recent = self.pipeline.recent_durations()
@@ -141,6 +157,9 @@ class BuildQueue:
 
     def _stored_image(self, doc_key: str) -> BuiltImage | None:
         """A stored image whose blobs are all present, or None (then it is rebuilt)."""
+        kept = self.served.image(doc_key)
+        if kept is not None:
+            return kept
         data = self.storage.get_document(doc_key)
         if data is None:
             return None
@@ -157,6 +176,7 @@ class BuildQueue:
             log.warning("%s lost blobs; rebuilding", doc_key)
             return None
         self.storage.mark_used(doc_key)
+        self.served.keep_image(doc_key, built, digests)
         return built
 
     def builds_in_progress(self) -> int:

@@ -67,6 +67,7 @@ class ImageService:
             storage, nix, sources, settings, self.popularity, self.events, self.catalog, layering
         )
         self.builds = BuildQueue(storage, settings, self.popularity, self.events, self.pipeline)
+        self.served = self.builds.served
 
     # -- requests -------------------------------------------------------
 
@@ -77,12 +78,9 @@ class ImageService:
         request = parse_image_name(name, self.settings.max_packages)
         if is_digest(reference):
             validate_digest(reference)
-            document = self._stored_manifest(reference)
             # An image pinned by digest is in use too: gc reads the marks of
             # its manifests, as it reads its document's for pulls by tag.
-            listed = referenced_digests(document.data) if document.is_index else []
-            self.storage.mark_used(None, reference, *listed)
-            return document
+            return self._stored_manifest(reference, mark=True)
         validate_tag(reference)
         source = self.sources.resolve(reference)
         platforms = (request.platform,) if request.platform else self.settings.platforms
@@ -116,11 +114,27 @@ class ImageService:
         media_type = media_type_of(data)
         return Document(media_type, data) if media_type else None
 
-    def _stored_manifest(self, digest: str) -> Document:
+    def _stored_manifest(self, digest: str, mark: bool = False) -> Document:
+        """A stored manifest, kept in memory once read (see `served`); `mark`
+        records its use (and that of the manifests an index lists) each time
+        storage is asked."""
+        document = self.served.document(digest)
+        if document is not None:
+            return document
         document = self.manifest_by_digest(digest)
         if document is None:
             raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": digest})
+        referenced = referenced_digests(document.data)
+        if mark:
+            self.storage.mark_used(None, digest, *(referenced if document.is_index else []))
+        self.served.keep_document(document, referenced)
         return document
+
+    def blob_missing(self, digest: str) -> None:
+        """A blob was asked for and is not stored: forget the images and
+        manifests kept in memory that reference it, so the next request for
+        them asks storage (and rebuilds what is lost)."""
+        self.served.blob_missing(digest)
 
     def _index(self, images: Sequence[tuple[Platform, BuiltImage]], fmt: Format) -> Document:
         """The list of per-platform manifests in `fmt`.
