@@ -149,6 +149,7 @@ class ImageService:
         for document in documents.values():
             if self.storage.locate_blob(document.digest) is None:
                 self.storage.put_blob(document.data)
+        self.storage.sync_blobs()  # pinned by digest from now on
         return documents[fmt]
 
     # -- building (see `queue` and `pipeline`) ----------------------------
