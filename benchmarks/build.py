@@ -9,19 +9,26 @@ run.
 
     .venv/bin/python -m benchmarks.build [--runs N] [--large]
 
-`--large` builds `LARGE_IMAGE` instead (over 100 MB in 35 layers).
+`--large` builds `LARGE_IMAGE` instead (over 100 MB in 35 layers);
+`--baseline-tree DIR` also times a cold build with another Nixery source
+tree (e.g. main before a change) in each round, in a child process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.common import (
+    FIXTURE_PKGS,
     LARGE_IMAGE,
     LARGE_OVERLAY,
     REFERENCE_IMAGE,
@@ -45,6 +52,35 @@ def build(storage_dir: str, compression: str) -> tuple[BuildProfile | None, floa
     return profile, time.perf_counter() - started
 
 
+# Run with another tree's `nixery` first on sys.path: one cold build, its profile as JSON.
+OTHER_TREE_BUILD = """
+import json, sys
+from nixery.assembly.manifest import negotiate
+from nixery.images.model import BuildSettings
+from nixery.images.service import ImageService
+from nixery.packages.nix import Nix
+from nixery.packages.sources import SourceConfig, Sources
+from nixery.storage import FilesystemStorage
+from benchmarks.common import OCI, Recorder
+storage, image, pkgs, overlays = sys.argv[1], sys.argv[2], sys.argv[3], tuple(sys.argv[4:])
+recorder, nix = Recorder(), Nix(timeout=600)
+service = ImageService(FilesystemStorage(storage), nix,
+                       Sources(SourceConfig("path", pkgs), nix, overlays),
+                       BuildSettings(overlays=overlays), events=recorder)
+service.manifest(image, "latest", negotiate([OCI]))
+print(json.dumps(recorder.profiles[0].to_json()))
+"""
+
+
+def build_with_tree(tree: Path, storage_dir: str) -> BuildProfile:
+    """A cold gzip build of IMAGE by the Nixery in `tree`, in a child process."""
+    argv = [sys.executable, "-c", OTHER_TREE_BUILD, storage_dir, IMAGE, str(FIXTURE_PKGS),
+            *map(str, OVERLAYS)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=True)
+    return BuildProfile.from_json(json.loads(out.stdout.splitlines()[-1]))
+
+
 def large_closure() -> list[str]:
     extra = nix_build("vimfiles", "perlfiles", "cmakefiles", overlays=[LARGE_OVERLAY])
     return sorted(set(reference_closure()) | set(closure(extra)))
@@ -59,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="rounds; medians are shown")
     parser.add_argument("--large", action="store_true", help="the image of over 100 MB")
+    parser.add_argument("--baseline-tree", type=Path, help="another Nixery source tree")
     args = parser.parse_args()
     runs = args.runs
     global IMAGE, OVERLAYS
@@ -68,6 +105,9 @@ def main() -> None:
 
     cold, zstd, relayer = "cold, gzip", "cold, gzip + zstd", "image not stored, layers stored"
     results: dict[str, list[BuildProfile]] = {cold: [], zstd: [], relayer: []}
+    other = f"cold, gzip, {args.baseline_tree}"
+    if args.baseline_tree:
+        results[other] = []
     stored: list[float] = []  # the image is stored: no build at all
     naive: list[float] = []
     tar_gzip: list[float] = []  # tar | gzip -6 alone
@@ -80,6 +120,9 @@ def main() -> None:
             results[relayer].append(_profile(build(tmp, "gzip")))
         with tempfile.TemporaryDirectory(prefix="nixery-bench-") as tmp:
             results[zstd].append(_profile(build(tmp, "zstd")))
+        if args.baseline_tree:
+            with tempfile.TemporaryDirectory(prefix="nixery-bench-") as tmp:
+                results[other].append(build_with_tree(args.baseline_tree, tmp))
         tar_gzip.append(baseline(paths, 0).wall)
         naive.append(results[cold][-1].nix + tar_gzip[-1])
 
