@@ -158,7 +158,9 @@ class BuildQueue:
     def _stored_image(self, doc_key: str) -> BuiltImage | None:
         """A stored image whose blobs are all present, or None (then it is rebuilt)."""
         kept = self.served.image(doc_key)
-        if kept is not None:
+        # Its record gone (expired by gc), the image is looked up in full.
+        if kept is not None and self.storage.has_document(doc_key):
+            self.storage.mark_used(doc_key)  # in use: gc judges by the marks
             return kept
         data = self.storage.get_document(doc_key)
         if data is None:

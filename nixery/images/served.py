@@ -6,7 +6,9 @@ located) is work whose answer rarely changes. An image checked in storage is
 kept here with the blobs it references, and served without asking storage
 again for `revalidate` seconds; the first request after that checks storage
 again (meanwhile the others go on with what is kept). A manifest's bytes are
-kept by digest, as content-addressed bytes never change.
+kept by digest, as content-addressed bytes never change. Each request
+still marks what it uses (`Storage.mark_used`, a stat at most), as garbage
+collection judges by the marks.
 
 What could change is a blob's existence (garbage collection, an operator, a
 damaged file). A blob request that finds a blob missing drops every kept

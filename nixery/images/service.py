@@ -116,18 +116,16 @@ class ImageService:
 
     def _stored_manifest(self, digest: str, mark: bool = False) -> Document:
         """A stored manifest, kept in memory once read (see `served`); `mark`
-        records its use (and that of the manifests an index lists) each time
-        storage is asked."""
+        records its use (and that of the manifests an index lists)."""
         document = self.served.document(digest)
-        if document is not None:
-            return document
-        document = self.manifest_by_digest(digest)
         if document is None:
-            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": digest})
-        referenced = referenced_digests(document.data)
+            document = self.manifest_by_digest(digest)
+            if document is None:
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": digest})
+            self.served.keep_document(document, referenced_digests(document.data))
         if mark:
-            self.storage.mark_used(None, digest, *(referenced if document.is_index else []))
-        self.served.keep_document(document, referenced)
+            listed = referenced_digests(document.data) if document.is_index else []
+            self.storage.mark_used(None, digest, *listed)
         return document
 
     def blob_missing(self, digest: str) -> None:

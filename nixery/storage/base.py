@@ -130,6 +130,10 @@ class Storage(ABC):
     def put_document(self, key: str, data: bytes) -> None:
         """Atomically replace the document at `key`."""
 
+    def has_document(self, key: str) -> bool:
+        """Whether `key` is stored; backends may answer more cheaply than a read."""
+        return self.get_document(key) is not None
+
     def put_cache_document(self, key: str, data: bytes) -> None:
         """Store a document that only saves work (a layer's record): after a
         power loss it may be missing, which costs packing the layer again.

@@ -275,6 +275,9 @@ class FilesystemStorage(Storage):
         except FileNotFoundError:
             return None
 
+    def has_document(self, key: str) -> bool:
+        return self._doc_path(key).exists()
+
     def put_document(self, key: str, data: bytes) -> None:
         self._put_document(key, data, durable=True)
 
