@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nixery.assembly.layers import LayerGroup, group_layers, path_popularity
-from nixery.packages.graph import ClosureGraph, StorePath, parse_registration, store_path_name
+from nixery.packages.graph import (
+    ClosureGraph,
+    StorePath,
+    parse_path_info,
+    parse_registration,
+    store_path_name,
+)
 
 S = "/nix/store/"
 
@@ -17,6 +25,19 @@ def graph(
         for n, refs in edges.items()
     }
     return ClosureGraph(tuple(S + r for r in roots), paths)
+
+
+def test_parse_path_info_in_both_layouts() -> None:
+    entries = [
+        {"path": "/nix/store/aaa-b", "narSize": 160,
+         "references": ["/nix/store/ccc-a", "/nix/store/aaa-b"]},
+        {"path": "/nix/store/ccc-a", "narSize": 120, "references": []},
+    ]  # fmt: skip
+    listed = parse_path_info(json.dumps(entries))  # Nix up to 2.18
+    keyed = parse_path_info(json.dumps({e["path"]: e for e in entries}))  # later
+    assert listed == keyed
+    assert listed["/nix/store/aaa-b"] == StorePath("/nix/store/aaa-b", 160, ("/nix/store/ccc-a",))
+    assert listed["/nix/store/ccc-a"].references == ()
 
 
 def test_parse_registration() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +44,20 @@ class ClosureGraph:
     def total_size(self, paths: Iterable[str] | None = None) -> int:
         selected = self.paths.keys() if paths is None else paths
         return sum(self.paths[p].nar_size for p in selected)
+
+
+def parse_path_info(text: str) -> dict[str, StorePath]:
+    """Parse `nix path-info --json` output: a list of entries with a `path`
+    (Nix up to 2.18), or an object keyed by path (later versions)."""
+    data = json.loads(text)
+    entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
+    paths: dict[str, StorePath] = {}
+    for path, entry in entries:
+        refs = entry.get("references") or []
+        paths[path] = StorePath(
+            path, int(entry["narSize"]), tuple(sorted(r for r in refs if r != path))
+        )
+    return paths
 
 
 def parse_registration(text: str) -> dict[str, StorePath]:
