@@ -14,7 +14,8 @@ What could change is a blob's existence (garbage collection, an operator, a
 damaged file). A blob request that finds a blob missing drops every kept
 image that references it, so the next manifest request checks storage and
 rebuilds what is lost; and nothing is kept unchecked longer than
-`revalidate`, which garbage collection's grace period always exceeds.
+`revalidate`, far less than garbage collection's grace period (an hour by
+default), after which an expired image's blobs may go.
 """
 
 from __future__ import annotations
