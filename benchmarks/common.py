@@ -32,6 +32,10 @@ OVERLAYS = Path(__file__).resolve().parent / "overlays"
 OCI = "application/vnd.oci.image.manifest.v1+json"
 # The reference image: programs and libraries of many sizes (48 store paths).
 REFERENCE_IMAGE = "shell/curl/git/python3/jq/openssl/sqlite/file/wget/strace/gnumake"
+# Over 100 MB in 35 layers: the reference image and three packages of text
+# files (with the overlay below).
+LARGE_IMAGE = REFERENCE_IMAGE + "/vimfiles/perlfiles/cmakefiles"
+LARGE_OVERLAY = Path(__file__).resolve().parent / "overlays" / "host-text.nix"
 
 # No binary cache is reachable here; the fixture builds from local files.
 os.environ.setdefault("NIX_CONFIG", "substituters =\nextra-platforms = aarch64-linux")
@@ -199,16 +203,21 @@ class Recorder(BuildEvents):
 
 
 def build_in_process(
-    storage_dir: str | Path, image: str = REFERENCE_IMAGE, compression: str = "gzip"
+    storage_dir: str | Path,
+    image: str = REFERENCE_IMAGE,
+    compression: str = "gzip",
+    overlays: Sequence[Path] = (),
 ) -> BuildProfile | None:
     """Ask an in-process `ImageService` for `image`; the build's profile, or
     None when the image was already stored."""
     recorder = Recorder()
+    nix = Nix(timeout=600)
+    overlay_paths = tuple(str(o) for o in overlays)
     service = ImageService(
         FilesystemStorage(storage_dir),
-        Nix(timeout=600),
-        Sources(SourceConfig("path", str(FIXTURE_PKGS))),
-        BuildSettings(compression=compression),
+        nix,
+        Sources(SourceConfig("path", str(FIXTURE_PKGS)), nix, overlay_paths),
+        BuildSettings(compression=compression, overlays=overlay_paths),
         events=recorder,
     )
     service.manifest(image, "latest", negotiate([OCI]))

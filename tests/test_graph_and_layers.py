@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nixery.assembly.layers import LayerGroup, group_layers, path_popularity
-from nixery.packages.graph import ClosureGraph, StorePath, parse_registration, store_path_name
+from nixery.packages.graph import (
+    ClosureGraph,
+    StorePath,
+    parse_path_info,
+    parse_registration,
+    store_path_name,
+)
 
 S = "/nix/store/"
 
@@ -25,6 +33,19 @@ def graph(
 # (`sha256:` and Nix's base 32), converted with `nix-hash --to-base32`.
 NAR_HEX = "5665ce23a8f7127ccf74fef0b5efafec6228652eb735701cc2f43c70d4f11a58"
 NAR_NIX32 = "sha256:0n0sy7a70g7lq8f70ddp5rjjhqpcmzpvbw7yfk7pq4ppm0iwwran"
+
+
+def test_parse_path_info_in_both_layouts() -> None:
+    entries = [
+        {"path": "/nix/store/aaa-b", "narSize": 160,
+         "references": ["/nix/store/ccc-a", "/nix/store/aaa-b"]},
+        {"path": "/nix/store/ccc-a", "narSize": 120, "references": []},
+    ]  # fmt: skip
+    listed = parse_path_info(json.dumps(entries))  # Nix up to 2.18
+    keyed = parse_path_info(json.dumps({e["path"]: e for e in entries}))  # later
+    assert listed == keyed
+    assert listed["/nix/store/aaa-b"] == StorePath("/nix/store/aaa-b", 160, ("/nix/store/ccc-a",))
+    assert listed["/nix/store/ccc-a"].references == ()
 
 
 def test_parse_registration() -> None:

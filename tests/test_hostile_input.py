@@ -154,6 +154,10 @@ def assert_served_as_data(trace: list[dict], own_dirs: tuple[str, ...] = ()) -> 
                     or re.fullmatch(r"/[\w/.-]*/nixery-gc-roots/build-\d+-\w+/out", arg)
                     or arg.startswith(own_dirs)
                 ), (arg, argv)
+        elif call["tool"] == "nix" and argv[2:5] == ["path-info", "--recursive", "--json"]:
+            assert argv[:2] == ["--extra-experimental-features", "nix-command"], argv
+            for arg in argv[5:]:
+                assert STORE_PATH.fullmatch(arg), (arg, argv)
         else:
             raise AssertionError(f"unexpected tool call {call}")
 

@@ -9,6 +9,7 @@ import pytest
 
 from nixery.errors import BuildFailed, UnknownPackages
 from nixery.packages import process
+from nixery.packages.graph import parse_registration
 from nixery.packages.nix import Nix, NixSource
 from tests.conftest import FIXTURE_PKGS
 
@@ -74,6 +75,11 @@ def test_realise_and_closure_graph(nix: Nix) -> None:
     # NAR sizes agree with Nix's own accounting.
     size = process.run(["nix-store", "--query", "--size", curl.out]).stdout.strip()
     assert graph.paths[curl.out].nar_size == int(size)
+    # The same graph as Nix's own database dump of the requisites.
+    requisites = process.run(["nix-store", "--query", "--requisites", curl.out]).stdout.split()
+    assert sorted(graph.paths) == sorted(requisites)
+    dump = process.run(["nix-store", "--dump-db", *requisites]).stdout
+    assert graph.paths == parse_registration(dump)
 
 
 def test_build_failure_carries_the_log(nix: Nix) -> None:

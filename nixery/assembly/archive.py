@@ -28,7 +28,6 @@ import stat
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from io import FileIO
 from typing import Protocol
 
 import zstandard
@@ -197,13 +196,14 @@ class _Tap:
         self._size += size
         return size
 
-    def copy_from(self, fh: FileIO, size: int) -> None:
-        """Append exactly `size` bytes of `fh`, read straight into the chunk."""
+    def copy_from(self, fd: int, size: int, name: bytes) -> None:
+        """Append exactly `size` bytes of the file `fd`, read straight into the chunk."""
         left = size
+        view, readv = self._view, os.readv
         while left:
-            n = fh.readinto(self._view[self._fill : self._fill + min(left, CHUNK - self._fill)])
+            n = readv(fd, [view[self._fill : self._fill + min(left, CHUNK - self._fill)]])
             if not n:
-                raise ArchiveError(f"{fh.name!r} is shorter than its {size} bytes")
+                raise ArchiveError(f"{name!r} is shorter than its {size} bytes")
             self._fill += n
             left -= n
             if self._fill == CHUNK:
@@ -238,11 +238,15 @@ class _Tap:
 
 def _walk(path: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
     """Depth-first, name-sorted walk yielding (path, lstat) including `path`."""
-    st = os.lstat(path)
-    yield path, st
-    if stat.S_ISDIR(st.st_mode):
-        for name in sorted(os.listdir(path)):
-            yield from _walk(os.path.join(path, name))
+    # A stack rather than nested generators: each entry then costs one step,
+    # not one per directory level.
+    stack = [path]
+    while stack:
+        path = stack.pop()
+        st = os.lstat(path)
+        yield path, st
+        if stat.S_ISDIR(st.st_mode):
+            stack.extend(path + b"/" + name for name in sorted(os.listdir(path), reverse=True))
 
 
 class _TarStream:
@@ -260,9 +264,14 @@ class _TarStream:
     def file(self, name: bytes, mode: int, size: int, path: bytes) -> None:
         self._tap.write(tar.header(name, tar.REGULAR, mode, MTIME, size=size))
         if size:
-            with open(path, "rb", buffering=0) as fh:
-                self._tap.copy_from(fh, size)
-        self._tap.write(tar.padding(size))
+            # A bare descriptor: thousands of small files make file objects count.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._tap.copy_from(fd, size, path)
+            finally:
+                os.close(fd)
+            if size % tar.BLOCK:
+                self._tap.write(tar.padding(size))
 
     def content(self, name: bytes, mode: int, data: bytes) -> None:
         self._tap.write(tar.header(name, tar.REGULAR, mode, MTIME, size=len(data)))

@@ -7,6 +7,7 @@ separators), and their digests are taken over exactly the bytes served.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -98,8 +99,9 @@ class Document:
     media_type: str
     data: bytes
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        # Cached: a kept manifest is served many times (see `images.served`).
         return "sha256:" + hashlib.sha256(self.data).hexdigest()
 
     def descriptor(self) -> Descriptor:

@@ -321,6 +321,7 @@ def create_app(
         validate_digest(digest)
         location = storage.locate_blob(digest) if is_sha256(digest) else None
         if location is None:
+            service.blob_missing(digest)  # manifests kept in memory may reference it
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": digest})
         return _blob_response(digest, location, storage)
 

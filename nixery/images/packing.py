@@ -188,7 +188,8 @@ class LayerPacker:
         gzip, zstd = blobs[0], (blobs[1] if len(blobs) > 1 else None)
         layer = Layer(gzip.digest, gzip.size, packed.diff_id, paths, zstd)
         started = time.perf_counter()
-        self.storage.put_document(key, json.dumps(layer.to_json()).encode())
+        # A record lost to a power cut only costs packing again (see storage).
+        self.storage.put_cache_document(key, json.dumps(layer.to_json()).encode())
         store_io = sum(s.seconds for s in sinks) + time.perf_counter() - started
         with self._lock:
             self.layers_packed += 1

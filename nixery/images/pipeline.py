@@ -155,6 +155,8 @@ class BuildPipeline:
                 packages, resolution.metadata, platform, build, popularity, roots, user
             )
         stored = time.perf_counter()
+        # The record points at the blobs: they are made durable first, at once.
+        self.storage.sync_blobs()
         self.storage.put_document(doc_key, json.dumps(built.to_json()).encode())
         done = time.perf_counter()
         profile = replace(

@@ -26,6 +26,7 @@ from nixery.images.activity import BuildEvents
 from nixery.images.model import FORMAT_VERSION, BuildSettings, BuiltImage, cache_key
 from nixery.images.pipeline import BuildPipeline
 from nixery.images.referrers import artifact_blobs
+from nixery.images.served import ServedImages
 from nixery.leases import Leases
 from nixery.packages.names import ImageRequest
 from nixery.packages.platforms import Platform
@@ -37,6 +38,7 @@ from nixery.storage import Storage
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER = 5  # seconds, before any build has been timed
+MAX_KEYS = 4096  # image keys remembered
 
 
 class BuildQueue:
@@ -62,6 +64,8 @@ class BuildQueue:
             settings.max_builds, settings.max_queue, "nixery-build"
         )
         self._asking = Count()  # requests inside a (possibly shared) build
+        self.served = ServedImages()  # images checked in storage, for warm requests
+        self._keys: dict[tuple[str, tuple[str, ...], str], str] = {}
 
     def image(
         self,
@@ -106,14 +110,7 @@ class BuildQueue:
     ) -> Future[BuiltImage]:
         """The stored image, or its build queued (or joined, if one is running)."""
         popularity = self.popularity.counts(source.channel, source.revision)
-        # The layering's version too: the same inputs laid out by another
-        # version of group_layers are another image.
-        key = cache_key(
-            FORMAT_VERSION, LAYERING_VERSION, source.revision, request.packages,
-            platform.nix_system, self.settings.overlays, self.settings.layer_budget,
-            self.settings.encoding(), popularity.digest, *request.variant(),
-            *self.settings.manifest_variant(),
-        )  # fmt: skip
+        key = self._image_key(source.revision, request, platform.nix_system, popularity.digest)
         doc_key = f"images/{key}.json"
         # The revision pins the package set, so a stored image is never stale.
         cached = self._stored_image(doc_key)
@@ -149,6 +146,24 @@ class BuildQueue:
             log.info("build queue: %d building, %d waiting", building, waiting)
         return future
 
+    def _image_key(self, revision: str, request: ImageRequest, system: str, popularity: str) -> str:
+        # Remembered: serialising every input on each request costs more than
+        # serving a stored manifest.
+        memo = (revision, request.packages, system, tuple(request.variant()), popularity)
+        key = self._keys.get(memo)
+        if key is None:
+            # The layering's version too: the same inputs laid out by another
+            # version of group_layers are another image.
+            key = cache_key(
+                FORMAT_VERSION, LAYERING_VERSION, revision, request.packages, system,
+                self.settings.overlays, self.settings.layer_budget, self.settings.encoding(),
+                popularity, *request.variant(), *self.settings.manifest_variant(),
+            )  # fmt: skip
+            if len(self._keys) >= MAX_KEYS:
+                self._keys.clear()
+            self._keys[memo] = key
+        return key
+
     def _retry_after(self) -> int:
         """Seconds a refused client should wait: about one build."""
         recent = self.pipeline.recent_durations()
@@ -158,6 +173,11 @@ class BuildQueue:
 
     def _stored_image(self, doc_key: str) -> BuiltImage | None:
         """A stored image whose blobs are all present, or None (then it is rebuilt)."""
+        kept = self.served.image(doc_key)
+        # Its record gone (expired by gc), the image is looked up in full.
+        if kept is not None and self.storage.has_document(doc_key):
+            self.storage.mark_used(doc_key)  # in use: gc judges by the marks
+            return kept
         data = self.storage.get_document(doc_key)
         if data is None:
             return None
@@ -181,6 +201,7 @@ class BuildQueue:
             log.warning("%s lost blobs; rebuilding", doc_key)
             return None
         self.storage.mark_used(doc_key)
+        self.served.keep_image(doc_key, built, digests)
         return built
 
     def builds_in_progress(self) -> int:

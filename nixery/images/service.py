@@ -86,6 +86,7 @@ class ImageService:
         self.builds = BuildQueue(
             storage, settings, self.popularity, self.events, self.pipeline, self.leases
         )
+        self.served = self.builds.served
 
     # -- requests -------------------------------------------------------
 
@@ -96,12 +97,9 @@ class ImageService:
         request = parse_image_name(name, self.settings.max_packages)
         if is_digest(reference):
             validate_digest(reference)
-            document = self._stored_manifest(reference)
             # An image pinned by digest is in use too: gc reads the marks of
             # its manifests, as it reads its document's for pulls by tag.
-            listed = referenced_digests(document.data) if document.is_index else []
-            self.storage.mark_used(None, reference, *listed)
-            return document
+            return self._stored_manifest(reference, mark=True)
         validate_tag(reference)
         fallback = REFERRERS_TAG.fullmatch(reference)
         if fallback:
@@ -151,11 +149,25 @@ class ImageService:
         media_type = media_type_of(data)
         return Document(media_type, data) if media_type else None
 
-    def _stored_manifest(self, digest: str) -> Document:
-        document = self.manifest_by_digest(digest)
+    def _stored_manifest(self, digest: str, mark: bool = False) -> Document:
+        """A stored manifest, kept in memory once read (see `served`); `mark`
+        records its use (and that of the manifests an index lists)."""
+        document = self.served.document(digest)
         if document is None:
-            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": digest})
+            document = self.manifest_by_digest(digest)
+            if document is None:
+                raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, {"digest": digest})
+            self.served.keep_document(document, referenced_digests(document.data))
+        if mark:
+            listed = referenced_digests(document.data) if document.is_index else []
+            self.storage.mark_used(None, digest, *listed)
         return document
+
+    def blob_missing(self, digest: str) -> None:
+        """A blob was asked for and is not stored: forget the images and
+        manifests kept in memory that reference it, so the next request for
+        them asks storage (and rebuilds what is lost)."""
+        self.served.blob_missing(digest)
 
     def _index(self, images: Sequence[tuple[Platform, BuiltImage]], fmt: Format) -> Document:
         """The list of per-platform manifests in `fmt`.
@@ -170,6 +182,7 @@ class ImageService:
         for document in documents.values():
             if self.storage.locate_blob(document.digest) is None:
                 self.storage.put_blob(document.data)
+        self.storage.sync_blobs()  # pinned by digest from now on
         return documents[fmt]
 
     # -- building (see `queue` and `pipeline`) ----------------------------

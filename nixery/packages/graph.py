@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -53,6 +55,20 @@ class ClosureGraph:
         return sum(self.paths[p].nar_size for p in selected)
 
 
+def parse_path_info(text: str) -> dict[str, StorePath]:
+    """Parse `nix path-info --json` output: a list of entries with a `path`
+    (Nix up to 2.18), or an object keyed by path (later versions)."""
+    data = json.loads(text)
+    entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
+    paths: dict[str, StorePath] = {}
+    for path, entry in entries:
+        refs = entry.get("references") or []
+        references = tuple(sorted(r for r in refs if r != path))
+        nar_hash = sha256_hex(entry["narHash"]) if entry.get("narHash") else ""
+        paths[path] = StorePath(path, int(entry["narSize"]), references, nar_hash)
+    return paths
+
+
 def parse_registration(text: str) -> dict[str, StorePath]:
     """Parse `nix-store --dump-db` output (the stable registration format).
 
@@ -75,8 +91,11 @@ def parse_registration(text: str) -> dict[str, StorePath]:
 
 
 def sha256_hex(nar_hash: str) -> str:
-    """A registration's SHA-256 NAR hash as lowercase hex, whichever way Nix wrote it."""
-    value = nar_hash.strip().removeprefix("sha256:")
+    """A SHA-256 NAR hash as lowercase hex, whichever way Nix wrote it."""
+    value = nar_hash.strip()
+    if value.startswith("sha256-"):  # SRI, as `nix path-info --json` writes it since 2.19
+        return base64.b64decode(value.removeprefix("sha256-"), validate=True).hex()
+    value = value.removeprefix("sha256:")
     if len(value) == 64:
         return value.lower()
     if len(value) != 52 or any(c not in NIX32 for c in value):

@@ -30,7 +30,7 @@ from nixery.errors import (
     UnknownPackages,
 )
 from nixery.packages import process
-from nixery.packages.graph import ClosureGraph, parse_registration
+from nixery.packages.graph import ClosureGraph, parse_path_info
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ MAX_EXPLAINED = 4
 MAX_REASON_LENGTH = 500
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 FLAKES = ["--extra-experimental-features", "nix-command flakes"]
+NIX_COMMAND = ["--extra-experimental-features", "nix-command"]
 
 # Store paths per command line when a command takes many (well below ARG_MAX).
 PATHS_PER_CALL = 500
@@ -419,14 +420,12 @@ class Nix:
 
     def closure(self, roots: Sequence[str]) -> ClosureGraph:
         """The runtime closure of `roots` with references and NAR sizes."""
-        requisites: set[str] = set()
-        for some in _chunks(sorted(set(roots))):
-            argv = ["nix-store", "--query", "--requisites", *some]
-            requisites.update(self._run(argv, "querying the closure").stdout.split())
+        # One call gives the closure with sizes and references (rather than
+        # `nix-store --query --requisites`, then `--dump-db` of the result).
         paths = {}
-        for some in _chunks(sorted(requisites)):
-            dump = self._run(["nix-store", "--dump-db", *some], "reading path info").stdout
-            paths.update(parse_registration(dump))
+        for some in _chunks(sorted(set(roots))):
+            argv = ["nix", *NIX_COMMAND, "path-info", "--recursive", "--json", *some]
+            paths.update(parse_path_info(self._run(argv, "querying the closure").stdout))
         return ClosureGraph(tuple(sorted(set(roots))), paths)
 
     def package_set_closure(

@@ -163,6 +163,21 @@ class Storage(ABC):
     def put_document(self, key: str, data: bytes) -> None:
         """Atomically replace the document at `key`."""
 
+    def has_document(self, key: str) -> bool:
+        """Whether `key` is stored; backends may answer more cheaply than a read."""
+        return self.get_document(key) is not None
+
+    def put_cache_document(self, key: str, data: bytes) -> None:
+        """Store a document that only saves work (a layer's record): after a
+        power loss it may be missing, which costs packing the layer again.
+        Backends may skip making it durable; by default it is a document."""
+        self.put_document(key, data)
+
+    def sync_blobs(self) -> None:
+        """Make every blob committed so far durable. Called before storing a
+        document that references blobs; a no-op where each commit is durable."""
+        return None
+
     def put_blob(self, data: bytes) -> str:
         with self.blob_writer() as writer:
             writer.write(data)

@@ -1,8 +1,16 @@
 """Blobs and documents in a local directory.
 
 Layout: `blobs/sha256/<hex>`, `documents/<key>`, `tmp/<writer>/` for writes
-in progress. Every write goes to a temp file in the same file system, is
-fsynced, then renamed into place, so a reader never sees half a file.
+in progress. Every write goes to a temp file in the same file system, then
+is renamed into place, so a reader never sees half a file.
+
+Durability (power loss, not just a killed process): a blob's data is
+fsynced before its rename; the blob directory is fsynced once per image
+(`sync_blobs`, before the image record is stored) rather than after every
+blob; a document is fsynced with its directory, except layer records
+(`put_cache_document`): a lost or empty one is ignored and the layer packed
+again, and a record whose blob was lost is ignored too (its blobs are
+located before it is used).
 
 Crash safety: each process writes in its own `tmp/<writer>/` directory and
 holds an exclusive lock on `tmp/<writer>.lock` while it lives; at start, the
@@ -93,11 +101,11 @@ class _FileBlobWriter(BlobWriter):
             os.chmod(self._tmp, 0o644)
             os.replace(self._tmp, self._storage.blob_path(digest))
             self._tmp = None
-            _fsync_dir(self._storage.blob_dir)
         except OSError as exc:
             self.abort()
             raise _storage_error("storing a blob", exc) from exc
         self._storage.verified(digest)
+        self._storage.blob_dir_changed()
 
     def abort(self) -> None:
         if not self._fh.closed:
@@ -127,6 +135,9 @@ class FilesystemStorage(Storage):
         for d in (self.blob_dir, self.doc_dir, self.tmp_root, self.lease_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.verify = verify
+        # Blobs renamed into place since the blob directory was last fsynced.
+        self._unsynced = False
+        self._sync_lock = threading.Lock()
         self._verified: set[str] = set()
         self._verified_lock = threading.Lock()
         self._verifying: SingleFlight[bool] = SingleFlight()
@@ -201,6 +212,22 @@ class FilesystemStorage(Storage):
     def blob_writer(self) -> BlobWriter:
         return _FileBlobWriter(self)
 
+    def blob_dir_changed(self) -> None:
+        self._unsynced = True
+
+    def sync_blobs(self) -> None:
+        # One directory fsync covers every rename before it; a caller that
+        # finds another's sync under way waits for it, as it may cover its blobs.
+        with self._sync_lock:
+            if not self._unsynced:
+                return
+            self._unsynced = False
+            try:
+                _fsync_dir(self.blob_dir)
+            except OSError as exc:
+                self._unsynced = True
+                raise _storage_error("syncing blobs", exc) from exc
+
     def verified(self, digest: str) -> None:
         with self._verified_lock:
             self._verified.add(digest)
@@ -260,7 +287,16 @@ class FilesystemStorage(Storage):
         except FileNotFoundError:
             return None
 
+    def has_document(self, key: str) -> bool:
+        return self._doc_path(key).exists()
+
     def put_document(self, key: str, data: bytes) -> None:
+        self._put_document(key, data, durable=True)
+
+    def put_cache_document(self, key: str, data: bytes) -> None:
+        self._put_document(key, data, durable=False)
+
+    def _put_document(self, key: str, data: bytes, durable: bool) -> None:
         path = self._doc_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,13 +307,15 @@ class FilesystemStorage(Storage):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
             raise _storage_error(f"storing {key}", exc) from exc
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
 
     # -- leases -----------------------------------------------------------
 
