@@ -68,10 +68,13 @@ def test_an_image_record_is_stored_after_its_blobs_are_durable(
     assert ("fsync", sources[record_at]) in events[:record_at]
     assert ("fsync", os.path.realpath(os.path.dirname(records[0]))) in events[record_at:]
     # Layer records are cache entries: no fsync. In all, one sync per blob and a
-    # few per image, where each blob and layer record used to take two.
+    # few per image, where each blob and layer record used to take two; the
+    # referrers records (a manifest's SBOMs) are durable like the image's own.
     syncs = [p for kind, p in events if kind == "fsync"]
     assert not [p for p in syncs if "/documents/layers/" in p or p.endswith("/layers")]
-    assert len(syncs) <= len(blobs) + 3
+    referrers = [p for kind, p in events if kind == "rename" and "/documents/referrers/" in p]
+    assert len(referrers) == len(built.manifests)
+    assert len(syncs) <= len(blobs) + 3 + 2 * len(referrers)
 
     # What was stored reads back as the same image.
     stored = storage.get_document(records[0].split("/documents/", 1)[1])

@@ -65,7 +65,7 @@ class BuildQueue:
         )
         self._asking = Count()  # requests inside a (possibly shared) build
         self.served = ServedImages()  # images checked in storage, for warm requests
-        self._keys: dict[tuple[str, tuple[str, ...], str], str] = {}
+        self._keys: dict[tuple[str, tuple[str, ...], str, tuple[str, ...], str], str] = {}
 
     def image(
         self,
