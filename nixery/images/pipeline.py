@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
 from nixery.assembly.layers import LayerGroup, group_layers
 from nixery.assembly.manifest import (
@@ -35,23 +33,20 @@ from nixery.assembly.rootfs import NONROOT_USER, ImageUser
 from nixery.errors import (
     BuildFailed,
     ErrorCode,
-    NixeryError,
     RegistryError,
-    UnknownPackages,
 )
 from nixery.images.activity import FAILURE, SUCCESS, UNKNOWN_PACKAGES, Build, BuildEvents
 from nixery.images.model import BuildProfile, BuildSettings, BuiltImage, Layer
 from nixery.images.packing import LayerPacker
 from nixery.images.referrers import store_sboms
+from nixery.images.resolving import PackageResolver
 from nixery.leases import Leases
 from nixery.packages.catalog import Catalog
 from nixery.packages.graph import ClosureGraph, store_path_name
-from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest, image_component
+from nixery.packages.names import ALWAYS_INCLUDED, ImageRequest
 from nixery.packages.nix import (
-    OVERLAY_MODES,
     Nix,
     PackageMetadata,
-    Resolution,
     ResolvedPackage,
 )
 from nixery.packages.platforms import Platform
@@ -82,10 +77,9 @@ class BuildPipeline:
     ):
         self.storage = storage
         self.nix = nix
-        self.sources = sources
         self.settings = settings
         self.events = events
-        self.catalog = catalog
+        self.resolver = PackageResolver(nix, sources, settings, catalog)
         self.layering = layering
         self.packer = LayerPacker(storage, settings, events, leases)
         self._lock = threading.Lock()
@@ -147,7 +141,8 @@ class BuildPipeline:
         # The roots keep the packages' derivations (written by the evaluation),
         # then their closure, from Nix's garbage collector until packed.
         with self.nix.temporary_roots() as roots:
-            resolution = self._resolve(build, request, source, platform, roots)
+            on_log = self._log_listener(build)
+            resolution = self.resolver.resolve(request, source, platform, on_log, roots)
             evaluated = time.perf_counter()
             packages = resolution.packages
             user = NONROOT_USER if request.nonroot else None
@@ -167,37 +162,6 @@ class BuildPipeline:
             metadata_entries=len(resolution.metadata),
         )
         return built, packed, profile
-
-    def _resolve(
-        self,
-        build: Build,
-        request: ImageRequest,
-        source: ResolvedSource,
-        platform: Platform,
-        roots: str,
-    ) -> Resolution:
-        """The image's packages; names that do not resolve are a 404 with details."""
-        try:
-            return self.nix.resolve_with_metadata(
-                self.sources.nix_source(source),
-                platform.nix_system,
-                request.packages,
-                self.settings.overlays,
-                self._log_listener(build),
-                roots,
-            )
-        except UnknownPackages as exc:
-            detail: dict[str, Any] = {}
-            if exc.names:
-                detail["unknown_packages"] = exc.names
-            if exc.refused:
-                detail["refused_packages"] = exc.refused
-            suggestions = self._suggestions(source, platform, exc.names) if exc.names else {}
-            if suggestions:
-                detail["suggestions"] = suggestions
-            if self.settings.overlays:
-                detail["overlays"] = _overlays_detail(self.settings.overlays, exc)
-            raise RegistryError(ErrorCode.MANIFEST_UNKNOWN, detail, message=str(exc)) from exc
 
     def _pack(
         self,
@@ -306,22 +270,6 @@ class BuildPipeline:
         self.events.build_ended(build, build.record(FAILURE, error=str(exc), log_tail=log_tail))
         log.warning("build failed: %s", exc, extra=fields)
 
-    def _suggestions(
-        self, source: ResolvedSource, platform: Platform, names: Sequence[str]
-    ) -> dict[str, list[str]]:
-        """Close matches for each unknown name, written as image names."""
-        out: dict[str, list[str]] = {}
-        try:
-            nix_source = self.sources.nix_source(source)
-            for name in names:
-                close = self.catalog.suggest(nix_source, source.revision, platform.nix_system, name)
-                components = [c for c in map(image_component, close) if c]
-                if components:
-                    out[image_component(name) or name] = components
-        except NixeryError:
-            log.warning("no suggestions: listing the package set failed", exc_info=True)
-        return out
-
     def _log_listener(self, build: Build) -> Callable[[str], None]:
         def listen(line: str) -> None:
             build.log(line)
@@ -340,11 +288,3 @@ class BuildPipeline:
 
 def _history(paths: Sequence[str]) -> str:
     return "nixery: " + " ".join(store_path_name(p) for p in paths)
-
-
-def _overlays_detail(overlays: Sequence[str], exc: UnknownPackages) -> dict[str, Any]:
-    """Which overlays an unknown name was looked up with, and how they were
-    applied: "not defined" and "overlay not applied" then look different.
-    File names only: the server's directories are not the client's business."""
-    applied = OVERLAY_MODES.get(exc.overlays_applied or "", "unknown")
-    return {"files": [os.path.basename(o) for o in overlays], "applied": applied}
