@@ -144,10 +144,11 @@ def test_paths_more_popular_than_their_layer_are_split_off() -> None:
     sizes = {"1-app": 300, "2-libssl": 200, "3-zlib": 100, "4-tool": 50}
     g = graph(edges, ["1-app", "4-tool"], sizes)
     popularity = {"libssl": 5, "zlib": 9, "app": 1, "tool": 1}
-    # Four candidates for three layers: the largest stays whole, the others
-    # are pooled by popularity band, the two least popular bands joined.
+    # Four candidates for three layers, a budget too small for the band
+    # pools: the two at least half of the set needs (libssl 5 and zlib 9 of
+    # 9) share a pool, the largest other stays whole, the rest is pooled.
     assert paths_of(group_layers(g, popularity, budget=3)) == [
-        names("1-app"), names("2-libssl", "4-tool"), names("3-zlib")
+        names("1-app"), names("2-libssl", "3-zlib"), names("4-tool")
     ]  # fmt: skip
     # The split does not depend on the budget: over it, the largest layer
     # stays whole and the others are pooled.
@@ -228,6 +229,22 @@ def test_pools_follow_popularity_bands() -> None:
         names("10-app10"),
         names("11-app11"),
         names("12-app12"),
+    ]
+
+
+def test_a_budget_too_small_for_the_band_pools_keeps_two_pools() -> None:
+    # Budget 4 < POOLS + 2: the paths at least half of the set needs (here
+    # popularity 6-12 of 12) are one pool, the largest two others stay whole.
+    edges: dict[str, list[str]] = {f"{i:02d}-app{i}": [] for i in range(1, 13)}
+    sizes = {f"{i:02d}-app{i}": 100 + i for i in range(1, 13)} | {"01-app1": 500}
+    g = graph(edges, list(edges), sizes)
+    popularity = {f"app{i}": i for i in range(1, 13)}
+    layers = group_layers(g, popularity, budget=4)
+    assert sorted(layer.paths for layer in layers) == [
+        names("01-app1"),
+        names("02-app2", "03-app3", "04-app4"),
+        names("05-app5"),
+        names(*(f"{i:02d}-app{i}" for i in range(6, 13))),
     ]
 
 

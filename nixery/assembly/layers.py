@@ -28,7 +28,13 @@ an image may have at most `budget` such layers.
    paths nearly every image has, and those in every image) is pooled whole
    whatever the size of its paths: that pool comes out the same in most
    images, so it is downloaded once, and the layers kept whole go to paths
-   whose sharing depends on the image. A merged layer is reused only by images that
+   whose sharing depends on the image. A budget too small for the band pools
+   and two candidates kept whole (budget < POOLS + 2) gets two pools
+   instead: the paths at least half of the package set needs (or, without
+   data, half of the closure), pooled whole, and the rest; the layers in
+   between go to the largest other candidates, which at such budgets are
+   the big shared ones (interpreters, compilers) that a third pool would
+   have pushed into the rest. A merged layer is reused only by images that
    happen to produce exactly the same merge, which is rare, so the bytes at
    stake are the bytes pooled: pooling the smallest candidates keeps them
    few, and pooling by a band that does not depend on the image makes the
@@ -74,7 +80,7 @@ POOLS = 3
 # Part of every image's cache key: bump it whenever group_layers may return
 # other layers for the same closure, popularity data and budget, so that
 # images laid out the old way are not served as the new layout's.
-LAYERING_VERSION = "2"
+LAYERING_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,16 @@ def group_layers(
         raise ValueError("the layer budget must be at least 1")
     g = dependency_graph(graph)
     known = any(info.name in popularity for info in graph.paths.values())
+    small = budget < POOLS + 2  # the band pools would leave one candidate whole
     if known:
         pops = path_popularity(graph, popularity, most_popular, popularity_threshold)
-        bands = {p: pop.bit_length() for p, pop in pops.items()}
+        if small:
+            bands = _halves(graph, pops, max(popularity.values()), most_popular)
+        else:
+            bands = {p: pop.bit_length() for p, pop in pops.items()}
     else:
         pops = closure_popularity(graph, g, most_popular)
-        bands = _closure_bands(graph, pops, most_popular)
+        bands = _halves(graph, pops, len(graph.paths), most_popular)
     if len(graph.paths) <= budget:
         return order_layers(
             LayerGroup((p,), info.nar_size, pops[p] * info.nar_size)
@@ -127,7 +137,7 @@ def group_layers(
     popular = {p for p in graph.paths if pops[p] >= popularity_threshold}
     split = set(graph.roots) | popular | big_closures(graph, g, big_closure_bytes)
     tops = _split_shared(g, split, dominator_layers(g, split), pops)
-    return order_layers(_pool(graph, tops, pops, bands, budget, pool_top=known))
+    return order_layers(_pool(graph, tops, pops, bands, budget, pool_top=known or small))
 
 
 def closure_popularity(
@@ -153,13 +163,14 @@ def closure_popularity(
     return {p: top if p in most_popular else count for p, count in counts.items()}
 
 
-def _closure_bands(
-    graph: ClosureGraph, pops: Mapping[str, int], most_popular: Collection[str]
+def _halves(
+    graph: ClosureGraph, pops: Mapping[str, int], whole: int, most_popular: Collection[str]
 ) -> dict[str, int]:
-    """Pooling bands without popularity data: paths at least half of the
-    closure needs (base libraries, much the same in every image) and the
-    paths in every image, then the rest."""
-    half = (len(graph.paths) + 1) // 2
+    """Two pooling bands: the paths at least half of `whole` need (the
+    package set's packages, or without data the closure's paths: base
+    libraries, much the same in every image) and the paths in every image,
+    then the rest."""
+    half = (whole + 1) // 2
     return {p: int(p in most_popular or pops[p] >= half) for p in graph.paths}
 
 
