@@ -93,12 +93,21 @@ POSITIONS = {
     "package-page": "/packages/{}",
 }
 
-RESOLVE_ARGV = re.compile(r"--eval --strict --json --read-write-mode (?:--option \S+ \S+ )*")
+ROOTS = r"/[\w/.-]*/nixery-gc-roots/build-\d+-\w+"
+# Evaluated to JSON, or (while a build holds roots) instantiated and rooted.
+RESOLVE_ARGV = re.compile(
+    rf"(?:--eval --strict --json --read-write-mode|--add-root {ROOTS}/resolution --indirect) "
+    r"(?:--option \S+ \S+ )*"
+)
 RESOLVE_ARGS = {
     "source", "system", "packages", "overlays", "describe", "listAttributes", "metadata",
+    "instantiate",
 }  # fmt: skip
 ATTRIBUTE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-NIX_STORE_FLAGS = {"--realise", "--timeout", "--add-root", "--query", "--requisites", "--dump-db"}
+NIX_STORE_FLAGS = {
+    "--realise", "--timeout", "--add-root", "--query", "--requisites", "--dump-db", "--binding",
+    "result",
+}  # fmt: skip
 
 
 def targets(payload: str) -> Iterator[bytes]:
@@ -142,6 +151,7 @@ def assert_served_as_data(trace: list[dict], own_dirs: tuple[str, ...] = ()) -> 
             args = json.loads(call["args"])
             assert set(args) <= RESOLVE_ARGS and isinstance(args["packages"], list), args
             assert isinstance(args.get("metadata", False), bool), args
+            assert isinstance(args.get("instantiate", False), bool), args
             for package in args["packages"]:
                 assert ATTRIBUTE.fullmatch(package), package
         elif call["tool"] == "nix-store":
@@ -151,7 +161,7 @@ def assert_served_as_data(trace: list[dict], own_dirs: tuple[str, ...] = ()) -> 
                     arg in NIX_STORE_FLAGS
                     or arg.isdigit()
                     or STORE_PATH.fullmatch(plain)
-                    or re.fullmatch(r"/[\w/.-]*/nixery-gc-roots/build-\d+-\w+/out", arg)
+                    or re.fullmatch(rf"{ROOTS}/(out|resolution)", arg)
                     or arg.startswith(own_dirs)
                 ), (arg, argv)
         elif call["tool"] == "nix" and argv[2:5] == ["path-info", "--recursive", "--json"]:
