@@ -147,6 +147,16 @@ class Containerd:
     def __call__(self, *args: str) -> str:
         return run(self.argv(*args)).stdout
 
+    def run_container(self, ref: str, name: str, *command: str) -> str:
+        """What `command` printed in a new container of `ref`. The shim writes
+        it to a file: through ctr's own pipes, a process that exits at once
+        may lose its output (ctr then prints nothing and exits 0)."""
+        output = self.home / f"{name}.out"
+        self("run", "--rm", "--log-uri", f"file://{output}", ref, name, *command)
+        text = output.read_text()
+        output.unlink()
+        return text
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

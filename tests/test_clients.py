@@ -188,7 +188,7 @@ def test_containerd_pull_and_run(registry: Server, containerd: Containerd, multi
     ref = f"{registry.host}/{IMAGE}:latest"
     timed("ctr pull", lambda: containerd("image", "pull", "--plain-http", ref))
     container = "hello-" + registry.host.rsplit(":", 1)[1]
-    out = timed("ctr run", lambda: containerd("run", "--rm", ref, container, "hello"))
+    out = timed("ctr run", lambda: containerd.run_container(ref, container, "hello"))
     assert out.strip() == GREETING
     images = containerd("image", "ls")
     assert ref in images and (OCI_INDEX if multi else OCI_MANIFEST) in images

@@ -209,5 +209,5 @@ def test_containerd_pulls_the_annotated_manifest_and_runs(
     assert stored["mediaType"] == OCI_MANIFEST
     assert all(nix_store_paths(layer) for layer in stored["layers"][:-1])
     container = "nix-snapshotter-" + registry.host.rsplit(":", 1)[1]
-    assert containerd("run", "--rm", ref, container, "hello").strip() == GREETING
+    assert containerd.run_container(ref, container, "hello").strip() == GREETING
     containerd("image", "rm", ref)

@@ -202,7 +202,7 @@ def test_containerd_runs_as_the_user(registry: Server, containerd: Containerd) -
     ref = f"{registry.host}/{IMAGE}:latest"
     containerd("image", "pull", "--plain-http", ref)
     container = "nonroot-" + registry.host.rsplit(":", 1)[1]
-    out = containerd("run", "--rm", ref, container, "bash", "-c", PROBE)
+    out = containerd.run_container(ref, container, "bash", "-c", PROBE)
     assert out.split() == EXPECTED
     containerd("image", "rm", ref)
 
