@@ -18,6 +18,7 @@ import pytest
 from hypothesis import settings
 
 from tests import s3server
+from tests.clients import Containerd
 from tests.gated import GatedPackage, make_gated_package
 
 # Property tests check what is accepted, never how fast: a per-example
@@ -196,3 +197,12 @@ def gated() -> Iterator[GatedPackage]:
     package = make_gated_package()
     yield package
     package.remove()
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    """A private containerd daemon for the tests of one module."""
+    require("containerd", "ctr")
+    daemon = Containerd()
+    yield daemon
+    daemon.close()

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -82,14 +82,6 @@ def registry(platforms: str, start_module_server: StartServer, storage: Path) ->
         reply = call(server.host, "GET", f"/v2/{IMAGE}/manifests/latest", {"Accept": accept})
         assert reply.status == 200, reply.body
     return server
-
-
-@pytest.fixture(scope="module")
-def containerd() -> Iterator[Containerd]:
-    require("containerd", "ctr")
-    daemon = Containerd()
-    yield daemon
-    daemon.close()
 
 
 def test_skopeo_inspect(registry: Server, multi: bool) -> None:

@@ -15,7 +15,6 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,14 +185,6 @@ def test_podman_pulls_and_runs(registry: Server) -> None:
         )
     finally:
         podman.close()
-
-
-@pytest.fixture(scope="module")
-def containerd() -> Iterator[Containerd]:
-    require("containerd", "ctr")
-    daemon = Containerd()
-    yield daemon
-    daemon.close()
 
 
 @pytest.mark.e2e

@@ -11,7 +11,6 @@ import gzip
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +121,6 @@ IMAGE = "nonroot/shell"
 @pytest.fixture(scope="module")
 def registry(start_module_server: StartServer) -> Server:
     return start_module_server()
-
-
-@pytest.fixture(scope="module")
-def containerd() -> Iterator[Containerd]:
-    require("containerd", "ctr")
-    daemon = Containerd()
-    yield daemon
-    daemon.close()
 
 
 @pytest.mark.e2e
