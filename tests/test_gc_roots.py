@@ -82,6 +82,7 @@ class Collector:
         self.store = store
         self.sync = sync
         self.passes = 0
+        self.error: str | None = None  # why the loop stopped early, if it did
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -92,6 +93,7 @@ class Collector:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(120)
+        assert self.error is None, f"the collector stopped: {self.error}"
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -99,7 +101,14 @@ class Collector:
             proc = subprocess.run(
                 ["nix-store", "--gc"], env=self.store.env, capture_output=True, text=True
             )
-            assert proc.returncode == 0, proc.stderr
+            if proc.returncode != 0 and "is busy" in proc.stderr:
+                continue  # a build holds the store's database: the pass is run again
+            if proc.returncode != 0:
+                self.error = proc.stderr
+                # Release the held requests, so the server's answer shows the failure.
+                for request in waiting:
+                    Path(f"{request}.done").touch()
+                return
             self.passes += 1
             for request in waiting:
                 Path(f"{request}.done").touch()
@@ -193,8 +202,9 @@ def test_collection_during_a_build_keeps_the_images_paths(
         response = call(registry.host, "GET", "/v2/hello/manifests/latest", timeout=600)
         assert response.status == 200, response.body.decode()
         held = list(start_registry.sync.glob("request.*.done"))
-        # The build's --realise, the closure query and the result of the evaluation.
-        assert len(held) >= 3, "the build did not meet the collector at every step"
+        # The result of the evaluation and the build's --realise (the closure is
+        # read with `nix path-info` after it, under the roots --realise added).
+        assert len(held) >= 2, "the build did not meet the collector at every step"
         passes = collector.passes
         layout = tmp_path / "layout"
         run(["skopeo", "copy", "--src-tls-verify=false",
