@@ -136,7 +136,11 @@ def store() -> Iterator[Store]:
     scratch = Path(tempfile.mkdtemp(prefix="nixery-store-"))
     scratch.chmod(0o755)
     (scratch / "nix").mkdir()
-    yield Store(scratch / "nix")
+    store = Store(scratch / "nix")
+    # Nix sets a new store up (state directories, the profiles root) on first
+    # use; two processes doing it at once race ("File exists"): once, first.
+    subprocess.run(["nix-store", "--gc"], env=store.env, check=True, capture_output=True)
+    yield store
     shutil.rmtree(scratch, onerror=_writable_then_retry)
 
 
