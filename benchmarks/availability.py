@@ -20,42 +20,22 @@ the servers.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from benchmarks.common import FIXTURE_PKGS, free_port, machine, require, table, wait_http
+from benchmarks.common import machine, nixery_from, require, table
 from benchmarks.serve import curl, distribution
 from tests.attack import Prober, SlowClients, connect_from
 
 IMAGE = "bigdata"  # 64 MB of incompressible data in the fixture package set
 HEAD = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"
-
-
-@contextmanager
-def nixery_from(tree: Path, storage: Path) -> Iterator[str]:
-    """`nixery serve` from the source tree `tree`; yields host:port."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--storage-path", str(storage), "--pkgs-path", str(FIXTURE_PKGS),
-            "--nix-timeout", "600"]  # fmt: skip
-    with open(storage.parent / f"server-{port}.log", "wb") as log:
-        proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v2/")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def blob_digest(host: str, repository: str) -> tuple[str, int]:

@@ -222,3 +222,22 @@ def build_in_process(
     )
     service.manifest(image, "latest", negotiate([OCI]))
     return recorder.profiles[0] if recorder.profiles else None
+
+
+@contextmanager
+def nixery_from(tree: Path, storage: Path) -> Iterator[str]:
+    """`nixery serve` from the source tree `tree`; yields host:port."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--storage-path", str(storage), "--pkgs-path", str(FIXTURE_PKGS),
+            "--nix-timeout", "600"]  # fmt: skip
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    with open(storage.parent / f"server-{port}.log", "wb") as log:
+        proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import statistics
@@ -23,20 +22,16 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import (
-    FIXTURE_PKGS,
     OCI,
     REFERENCE_IMAGE,
-    free_port,
     machine,
+    nixery_from,
     require,
     table,
-    wait_http,
 )
 from benchmarks.pack import reference_closure
 from benchmarks.serve import distribution
@@ -53,25 +48,6 @@ class Target:
     label: str
     size: int  # bytes per response, for MB/s; 0 for manifests
     paths: dict[str, str]  # server name -> request path
-
-
-@contextmanager
-def nixery_from(tree: Path, storage: Path) -> Iterator[str]:
-    """`nixery serve` from the source tree `tree`; yields host:port."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--storage-path", str(storage), "--pkgs-path", str(FIXTURE_PKGS),
-            "--nix-timeout", "600"]  # fmt: skip
-    storage.parent.mkdir(parents=True, exist_ok=True)
-    with open(storage.parent / f"server-{port}.log", "wb") as log:
-        proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v2/")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def fetch_manifest(host: str, repository: str) -> dict:
