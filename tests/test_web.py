@@ -54,12 +54,19 @@ class Watch:
         self.foreign: list[str] = []
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
-        page.on("requestfailed", lambda r: self.problems.append(f"failed: {r.url}"))
+        page.on("requestfailed", self._failed)
         page.on("request", lambda r: self._request(r.url, origin))
 
     def _console(self, message: Any) -> None:
         if message.type in ("error", "warning"):
             self.problems.append(f"console {message.type}: {message.text}")
+
+    def _failed(self, request: Any) -> None:
+        # The icon is fetched after the load event, so moving on to the next page
+        # may cancel it (ERR_ABORTED); that it is served is checked on its own.
+        cancelled = request.failure == "net::ERR_ABORTED"
+        if not (cancelled and request.url.endswith("/static/favicon.svg")):
+            self.problems.append(f"failed: {request.url} ({request.failure})")
 
     def _request(self, url: str, origin: str) -> None:
         if urlsplit(url).netloc != origin and not url.startswith("data:"):
@@ -191,6 +198,9 @@ def test_bad_input_gets_a_page_not_a_crash(server: Server) -> None:
     assert call(server.host, "GET", "/static/../app.py").status in (403, 404)
     css = call(server.host, "GET", "/static/style.css")
     assert css.status == 200 and css.require_header("Content-Type").startswith("text/css")
+    icon = call(server.host, "GET", "/static/favicon.svg")
+    assert icon.status == 200 and icon.require_header("Content-Type") == "image/svg+xml"
+    assert icon.body.startswith(b"<svg")
     page = call(server.host, "GET", "/")
     assert "script-src 'self'" in page.require_header("Content-Security-Policy")
 
