@@ -11,9 +11,8 @@ in this process.
 The pool is shared by the whole process, started at its first use and sized
 to the cores. Workers are forked from a fork server (a fresh process that
 has imported this module only), never from the server itself, which has
-threads.
-If a worker dies, the pool is replaced and the layer fails like any other
-packing error.
+threads; they exit with the server, however it ends. If a worker dies, the
+pool is replaced and the layer fails like any other packing error.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from nixery.assembly.archive import Compression, Output, PackedLayer, write_store_layer
+from nixery.packages.platforms import host_cores
 from nixery.storage.filesystem import SpoolFile
 
 
@@ -87,7 +87,7 @@ def _executor() -> ProcessPoolExecutor:
             # holds only this module, not the program's main module.
             context.set_forkserver_preload([__name__])
             _pool = ProcessPoolExecutor(
-                max_workers=os.cpu_count() or 1,
+                max_workers=host_cores(),
                 mp_context=context,
                 initializer=_watch,
                 initargs=(os.getpid(),),
