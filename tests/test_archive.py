@@ -160,3 +160,27 @@ def test_a_failing_sink_fails_the_layer_and_stops_its_threads(tmp_path: Path) ->
     with pytest.raises(OSError, match="disk full"):
         write_store_layer(paths, outputs)
     assert threading.active_count() == before
+
+
+def test_a_worker_process_writes_the_same_layer_into_files(tmp_path: Path) -> None:
+    from nixery.assembly import procpool
+
+    store, spool = tmp_path / "store", tmp_path / "spool"
+    spool.mkdir()
+    paths = [str(big_store_path(store, "aaa-big", 3)), str(fake_store_path(store, "bbb-b"))]
+    compressions = [Compression(GZIP, 1), Compression(ZSTD, 3)]
+    sinks = [Collect(), Collect()]
+    here = write_store_layer(
+        paths, [Output(c, s) for c, s in zip(compressions, sinks, strict=True)]
+    )
+    packed, blobs = procpool.pack_store_layer(paths, compressions, str(spool))
+    assert packed == here
+    for blob, sink in zip(blobs, sinks, strict=True):
+        data = Path(blob.path).read_bytes()
+        assert Path(blob.path).parent == spool
+        assert data == sink.buf.getvalue()
+        assert (blob.digest, blob.size) == ("sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    # A layer that cannot be packed leaves nothing behind.
+    with pytest.raises(FileNotFoundError):
+        procpool.pack_store_layer([str(store / "missing")], compressions, str(spool))
+    assert sorted(spool.iterdir()) == sorted(Path(b.path) for b in blobs)

@@ -145,3 +145,50 @@ def test_text_logs_keep_one_line_per_event_whatever_the_path(server: Server) -> 
     assert not any(line.startswith(forged) for line in lines), lines
     [access] = [line for line in lines if "request_id=inject-1" in line]
     assert "nixery.access: GET /v2/x/manifests/a\\n2026-01-01" in access
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """The live processes below `pid`, with their command lines."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (
+                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            )
+        except OSError:
+            continue  # gone meanwhile
+        # The parent's pid is the second field after the parenthesised name.
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = {}, {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier and p not in found}
+        found.update({p: commands[p] for p in frontier})
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_layers_are_packed_in_worker_processes_that_end_with_the_server(
+    server: Server, stop: signal.Signals
+) -> None:
+    reply = call(server.host, "GET", "/v2/shell/manifests/latest", {"Accept": OCI})
+    assert reply.status == 200, reply.body
+    below = descendants(server.process.pid)
+    workers = {p: c for p, c in below.items() if "multiprocessing" in c}
+    assert len(workers) >= 2, below  # the fork server and at least one worker
+    server.process.send_signal(stop)
+    assert server.process.wait(60) == (0 if stop == signal.SIGTERM else -stop)
+    # Left alone, a worker would wait for work forever: each must be gone.
+    wait_until("the workers to exit", lambda: not [p for p in workers if alive(p)])

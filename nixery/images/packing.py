@@ -1,5 +1,7 @@
 """Packing layers: each layer group becomes a tar stored in every configured
-compression, on a shared pool of packing threads.
+compression, on a shared pool of packing threads. With a local storage, a
+store layer's tar is written by a worker process (`procpool`), so packing
+uses every core; S3 storage packs on the threads, through its blob writers.
 
 A layer is content addressed by its store paths, so it is stored once and
 reused by every image that holds the same group; a layer wanted by several
@@ -19,8 +21,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
-from nixery.assembly import archive
+from nixery.assembly import archive, procpool
 from nixery.assembly.archive import Output, PackedLayer
 from nixery.assembly.layers import LayerGroup
 from nixery.assembly.rootfs import ImageUser, root_entries
@@ -38,6 +42,14 @@ class LayerResult:
 
     layer: Layer
     packed_bytes: int | None  # None: reused from the cache
+    store_io: float
+
+
+class _Packed(NamedTuple):
+    """A layer's tar and its stored blobs (gzip first), with the storage seconds."""
+
+    tar: PackedLayer
+    blobs: list[Blob]
     store_io: float
 
 
@@ -117,10 +129,19 @@ class LayerPacker:
 
     def _store_layer(self, group: LayerGroup) -> LayerResult:
         key = f"layers/{cache_key(FORMAT_VERSION, group.paths, self.settings.encoding())}.json"
+        spool = self.storage.spool_dir()
+        if spool is not None:
+            # Packed by a worker process, where the tar's Python work does not
+            # share this process's GIL; the blobs are then published here.
+            return self._cached_layer(
+                key, group.paths, lambda: self._pack_in_process(group.paths, spool)
+            )
         return self._cached_layer(
             key,
             group.paths,
-            lambda outputs: archive.write_store_layer(group.paths, outputs),
+            lambda: self._pack_here(
+                lambda outputs: archive.write_store_layer(group.paths, outputs)
+            ),
         )
 
     def _root_layer(
@@ -133,13 +154,17 @@ class LayerPacker:
             parts.append(["user", user.name, user.uid, user.gid, user.home])
         key = f"layers/{cache_key(*parts)}.json"
         return self._cached_layer(
-            key, (), lambda outputs: archive.write_root_layer(root_entries(pairs, user), outputs)
+            key,
+            (),
+            lambda: self._pack_here(
+                lambda outputs: archive.write_root_layer(root_entries(pairs, user), outputs)
+            ),
         )
 
     def _cached_layer(
-        self, key: str, paths: tuple[str, ...], write: Callable[[list[Output]], PackedLayer]
+        self, key: str, paths: tuple[str, ...], pack: Callable[[], _Packed]
     ) -> LayerResult:
-        """Reuse the layer stored under `key`, or pack it with `write`; a layer
+        """Reuse the layer stored under `key`, or pack it with `pack`; a layer
         wanted by several builds at once is packed once."""
         cached = self._stored_layer(key)
         self.events.cache_lookup("layer", cached is not None)
@@ -153,7 +178,7 @@ class LayerPacker:
             lambda: self.leases.run_once(
                 key.removesuffix(".json"),
                 lambda: self._reused_layer(key),
-                lambda: self._pack_layer(key, paths, write),
+                lambda: self._pack_layer(key, paths, pack),
                 on_wait=lambda: self.events.lease_waited("layer"),
             ),
         )
@@ -176,21 +201,39 @@ class LayerPacker:
             return None
         return layer
 
-    def _pack_layer(
-        self, key: str, paths: tuple[str, ...], write: Callable[[list[Output]], PackedLayer]
-    ) -> LayerResult:
+    def _pack_here(self, write: Callable[[list[Output]], PackedLayer]) -> _Packed:
+        """Pack on this thread, through the storage's blob writers."""
         compressions = self.settings.outputs()
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(self.storage.blob_writer()) for _ in compressions]
             sinks = [_TimedSink(w) for w in writers]
             packed = write([Output(c, s) for c, s in zip(compressions, sinks, strict=True)])
             blobs = [Blob(sink.commit(), sink.writer.size) for sink in sinks]
+        return _Packed(packed, blobs, sum(s.seconds for s in sinks))
+
+    def _pack_in_process(self, paths: tuple[str, ...], spool: str) -> _Packed:
+        """Pack a store layer in a worker process, then publish its blobs."""
+        packed, spooled = procpool.pack_store_layer(paths, self.settings.outputs(), spool)
+        started = time.perf_counter()
+        try:
+            for blob in spooled:
+                self.storage.adopt_blob(blob.path, blob.digest)
+        finally:
+            for blob in spooled:  # those not published after a failure
+                Path(blob.path).unlink(missing_ok=True)
+        blobs = [Blob(b.digest, b.size) for b in spooled]
+        return _Packed(packed, blobs, time.perf_counter() - started)
+
+    def _pack_layer(
+        self, key: str, paths: tuple[str, ...], pack: Callable[[], _Packed]
+    ) -> LayerResult:
+        packed, blobs, store_io = pack()
         gzip, zstd = blobs[0], (blobs[1] if len(blobs) > 1 else None)
         layer = Layer(gzip.digest, gzip.size, packed.diff_id, paths, zstd)
         started = time.perf_counter()
         # A record lost to a power cut only costs packing again (see storage).
         self.storage.put_cache_document(key, json.dumps(layer.to_json()).encode())
-        store_io = sum(s.seconds for s in sinks) + time.perf_counter() - started
+        store_io += time.perf_counter() - started
         with self._lock:
             self.layers_packed += 1
         return LayerResult(layer, packed.uncompressed_size, store_io)

@@ -18,8 +18,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 
+from nixery.assembly import sbom
 from nixery.assembly.layers import LayerGroup, group_layers
 from nixery.assembly.manifest import (
     Descriptor,
@@ -183,15 +185,24 @@ class BuildPipeline:
         self._check_size(graph)
         groups = self.group(graph, packages, popularity.popularity)
         grouped = time.perf_counter()
+        # The bills of materials need only the closure: they are made while the
+        # layers pack (in worker processes when storage is local), not after.
+        name = "/".join(sorted({p.attr_path for p in packages}))
+        bodies: Future[sbom.Bodies] = Future()
+        threading.Thread(
+            target=_make_bodies, args=(bodies, name, graph, metadata), name="nixery-sbom"
+        ).start()
         self._phase(build, "packing", total=len(groups) + 1)
-        results = self.packer.pack(groups, packages, lambda: self._advance(build), user)
+        try:
+            results = self.packer.pack(groups, packages, lambda: self._advance(build), user)
+        finally:
+            bodies.exception()  # waits: no build leaves that thread behind
         packed = time.perf_counter()
         self._phase(build, "storing")
         built = self._store_image(packages, platform, [r.layer for r in results], user)
         manifests_stored = time.perf_counter()
         # Every manifest gets its bills of materials before the record names it.
-        name = "/".join(built.packages)
-        indexes = store_sboms(self.storage, name, built.manifests, graph, metadata)
+        indexes = store_sboms(self.storage, name, built.manifests, graph, metadata, bodies.result())
         built = replace(built, referrers=indexes)
         stored = time.perf_counter()
         fresh = [r for r in results if r.packed_bytes is not None]
@@ -284,6 +295,18 @@ class BuildPipeline:
     def _advance(self, build: Build) -> None:
         build.advance()
         self.events.build_phase(build)
+
+
+def _make_bodies(
+    into: Future[sbom.Bodies],
+    name: str,
+    graph: ClosureGraph,
+    metadata: Mapping[str, PackageMetadata],
+) -> None:
+    try:
+        into.set_result(sbom.bodies(name, graph, metadata))
+    except BaseException as exc:  # handed to the build
+        into.set_exception(exc)
 
 
 def _history(paths: Sequence[str]) -> str:

@@ -51,14 +51,16 @@ def store_sboms(
     manifests: Mapping[str, Descriptor],
     graph: ClosureGraph,
     metadata: Mapping[str, PackageMetadata],
+    bodies: sbom.Bodies | None = None,
 ) -> dict[str, Descriptor]:
     """Store the SBOMs of every manifest in `manifests` (format name ->
     manifest) with their artifact manifests and referrers indexes; return
     each manifest's referrers index. Blobs come first, the documents that
-    point at them last."""
+    point at them last. `bodies`: those of `sbom.bodies`, if already made."""
     storage.put_blob(empty_config().data)
     indexes: dict[str, Document] = {}
-    bodies = sbom.bodies(name, graph, metadata)
+    if bodies is None:
+        bodies = sbom.bodies(name, graph, metadata)
     for fmt_name, subject in manifests.items():
         artifacts = []
         for fmt, data in bodies.documents(subject).items():

@@ -178,6 +178,16 @@ class Storage(ABC):
         document that references blobs; a no-op where each commit is durable."""
         return None
 
+    def spool_dir(self) -> str | None:
+        """A local directory where another process of this host may write a
+        blob for `adopt_blob`; None where blobs only go through `blob_writer`."""
+        return None
+
+    def adopt_blob(self, path: str, digest: str) -> None:
+        """Publish the finished file at `path` (in `spool_dir`) as the blob
+        `digest`, as a writer's commit would; the file is moved, not copied."""
+        raise NotImplementedError(f"{type(self).__name__} has no spool directory")
+
     def put_blob(self, data: bytes) -> str:
         with self.blob_writer() as writer:
             writer.write(data)

@@ -118,6 +118,44 @@ class _FileBlobWriter(BlobWriter):
             self._tmp = None
 
 
+class SpoolFile:
+    """A blob written into a spool directory (`FilesystemStorage.spool_dir`),
+    possibly by another process, and hashed on the way; the storage then
+    publishes it with `adopt_blob`."""
+
+    def __init__(self, directory: str):
+        try:
+            fd, self.path = tempfile.mkstemp(dir=directory, prefix="blob-")
+        except OSError as exc:
+            raise _storage_error("creating a blob", exc) from exc
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _storage_error("writing a blob", exc) from exc
+
+    def finish(self) -> str:
+        """Close the file; its digest."""
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise _storage_error("writing a blob", exc) from exc
+        return "sha256:" + self._hash.hexdigest()
+
+    def discard(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the flush of a full disk fails again; the file goes anyway
+        Path(self.path).unlink(missing_ok=True)
+
+
 class FilesystemStorage(Storage):
     def __init__(
         self,
@@ -211,6 +249,26 @@ class FilesystemStorage(Storage):
 
     def blob_writer(self) -> BlobWriter:
         return _FileBlobWriter(self)
+
+    def spool_dir(self) -> str | None:
+        return str(self.tmp_dir)
+
+    def adopt_blob(self, path: str, digest: str) -> None:
+        # The same steps as a writer's commit: data durable, then the rename.
+        target = self.blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(path, 0o644)
+            os.replace(path, target)
+        except OSError as exc:
+            Path(path).unlink(missing_ok=True)
+            raise _storage_error("storing a blob", exc) from exc
+        self.verified(digest)
+        self.blob_dir_changed()
 
     def blob_dir_changed(self) -> None:
         self._unsynced = True

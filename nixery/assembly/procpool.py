@@ -1,0 +1,129 @@
+"""Packing store layers in worker processes.
+
+The tar stream's per-file work (lstat, open, headers) is Python and holds the
+GIL, so packing threads in one process use little more than one core. A
+store layer is therefore packed by a worker process: it streams the tar
+through the compressors and hashes into temporary files in a directory the
+caller names, and returns the digests; the caller makes them durable and
+publishes them (see `storage`). The bytes are those of `write_store_layer`
+in this process.
+
+The pool is shared by the whole process, started at its first use and sized
+to the cores. Workers are forked from a fork server (a fresh process that
+has imported this module only), never from the server itself, which has
+threads; they exit with the server, however it ends. If a worker dies, the
+pool is replaced and the layer fails like any other packing error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import select
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from nixery.assembly.archive import Compression, Output, PackedLayer, write_store_layer
+from nixery.packages.platforms import host_cores
+from nixery.storage.filesystem import SpoolFile
+
+
+@dataclass(frozen=True)
+class SpooledBlob:
+    """A compressed layer written by a worker, not yet durable nor published."""
+
+    path: str
+    digest: str
+    size: int
+
+
+def _pack(
+    paths: tuple[str, ...], compressions: tuple[Compression, ...], directory: str
+) -> tuple[PackedLayer, list[SpooledBlob]]:
+    """In a worker: the layer of `paths`, one temporary file per compression."""
+    sinks: list[SpoolFile] = []
+    try:
+        for _ in compressions:
+            sinks.append(SpoolFile(directory))
+        outputs = [Output(c, s) for c, s in zip(compressions, sinks, strict=True)]
+        packed = write_store_layer(paths, outputs)
+        return packed, [SpooledBlob(s.path, s.finish(), s.size) for s in sinks]
+    except BaseException:
+        for sink in sinks:
+            sink.discard()
+        raise
+
+
+def _watch(server: int) -> None:
+    """Runs first in each worker: exit when the server process ends. A worker
+    waits for work on a pipe it also holds the writing end of, so otherwise
+    it would outlive a server killed with `kill -9`, waiting forever."""
+    try:
+        pidfd = os.pidfd_open(server)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def wait() -> None:
+        select.select([pidfd], [], [])  # readable once the process has ended
+        os._exit(1)
+
+    threading.Thread(target=wait, name="nixery-server-watch", daemon=True).start()
+
+
+_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+
+
+def _executor() -> ProcessPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            context = multiprocessing.get_context("forkserver")
+            # Workers fork from a fresh single-threaded server process that
+            # holds only this module, not the program's main module.
+            context.set_forkserver_preload([__name__])
+            _pool = ProcessPoolExecutor(
+                max_workers=host_cores(),
+                mp_context=context,
+                initializer=_watch,
+                initargs=(os.getpid(),),
+            )
+        return _pool
+
+
+def _forget(broken: ProcessPoolExecutor) -> None:
+    global _pool
+    with _lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+def pack_store_layer(
+    paths: Sequence[str], compressions: Sequence[Compression], directory: str
+) -> tuple[PackedLayer, list[SpooledBlob]]:
+    """Pack the layer of `paths` in a worker process, into files in `directory`
+    (one per compression, in their order); blocks until it is done. The caller
+    owns the files: it publishes or removes them."""
+    pool = _executor()
+    try:
+        return pool.submit(_pack, tuple(paths), tuple(compressions), directory).result()
+    except BrokenProcessPool:
+        _forget(pool)
+        raise
+
+
+def shutdown() -> None:
+    """Stop the workers (they finish the layer in hand); a later use starts new ones."""
+    global _pool
+    with _lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown)
