@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import signal
@@ -192,3 +193,21 @@ def test_layers_are_packed_in_worker_processes_that_end_with_the_server(
     assert server.process.wait(60) == (0 if stop == signal.SIGTERM else -stop)
     # Left alone, a worker would wait for work forever: each must be gone.
     wait_until("the workers to exit", lambda: not [p for p in workers if alive(p)])
+
+
+@pytest.mark.e2e
+def test_a_build_whose_worker_processes_were_killed_packs_on_threads(server: Server) -> None:
+    reply = call(server.host, "GET", "/v2/hello/manifests/latest", {"Accept": OCI})
+    assert reply.status == 200, reply.body
+    below = descendants(server.process.pid).items()
+    workers = [p for p, c in below if "multiprocessing" in c and "resource_tracker" not in c]
+    assert len(workers) >= 2  # the fork server and at least one worker
+    for pid in workers:  # as the kernel's OOM killer would
+        os.kill(pid, signal.SIGKILL)
+    wait_until("the workers to end", lambda: not [p for p in workers if alive(p)])
+    reply = call(server.host, "GET", "/v2/shell/manifests/latest", {"Accept": OCI})
+    assert reply.status == 200, reply.body
+    for layer in reply.json()["layers"]:
+        blob = call(server.host, "GET", f"/v2/shell/blobs/{layer['digest']}")
+        assert "sha256:" + hashlib.sha256(blob.body).hexdigest() == layer["digest"]
+    assert "packing layers on threads for 60 s" in server.log_text()

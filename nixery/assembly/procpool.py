@@ -11,17 +11,21 @@ in this process.
 The pool is shared by the whole process, started at its first use and sized
 to the cores. Workers are forked from a fork server (a fresh process that
 has imported this module only), never from the server itself, which has
-threads; they exit with the server, however it ends. If a worker dies, the
-pool is replaced and the layer fails like any other packing error.
+threads; they exit with the server, however it ends. When workers cannot
+be started (e.g. a sandbox that forbids what they need) or one dies, the
+caller gets `PoolUnavailable` and packs on its own thread; processes are
+tried again after `RETRY_AFTER` seconds.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import select
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,6 +34,14 @@ from dataclasses import dataclass
 from nixery.assembly.archive import Compression, Output, PackedLayer, write_store_layer
 from nixery.packages.platforms import host_cores
 from nixery.storage.filesystem import SpoolFile
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER = 60.0  # seconds without worker processes after they failed
+
+
+class PoolUnavailable(Exception):
+    """The worker processes could not be started, or one died."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ def _watch(server: int) -> None:
 
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
+_failed_at: float | None = None  # when workers last failed
 
 
 def _executor() -> ProcessPoolExecutor:
@@ -95,12 +108,22 @@ def _executor() -> ProcessPoolExecutor:
         return _pool
 
 
-def _forget(broken: ProcessPoolExecutor) -> None:
-    global _pool
+def _forget(broken: ProcessPoolExecutor | None, reason: str) -> None:
+    global _pool, _failed_at
     with _lock:
-        if _pool is broken:
+        first = _pool is broken  # other threads may have met the same failure
+        if first:
             _pool = None
-    broken.shutdown(wait=False, cancel_futures=True)
+        _failed_at = time.monotonic()
+    if first:
+        log.warning("packing layers on threads for %.0f s: %s", RETRY_AFTER, reason)
+    if broken is not None:
+        broken.shutdown(wait=False, cancel_futures=True)
+
+
+def _failed_recently() -> bool:
+    with _lock:
+        return _failed_at is not None and time.monotonic() - _failed_at < RETRY_AFTER
 
 
 def pack_store_layer(
@@ -108,13 +131,24 @@ def pack_store_layer(
 ) -> tuple[PackedLayer, list[SpooledBlob]]:
     """Pack the layer of `paths` in a worker process, into files in `directory`
     (one per compression, in their order); blocks until it is done. The caller
-    owns the files: it publishes or removes them."""
-    pool = _executor()
+    owns the files: it publishes or removes them. Raises `PoolUnavailable`
+    when no worker can do it; errors of the packing itself pass through."""
+    if _failed_recently():
+        raise PoolUnavailable("worker processes failed less than a minute ago")
+    pool = None
     try:
-        return pool.submit(_pack, tuple(paths), tuple(compressions), directory).result()
-    except BrokenProcessPool:
-        _forget(pool)
-        raise
+        pool = _executor()
+        future = pool.submit(_pack, tuple(paths), tuple(compressions), directory)
+    except (OSError, EOFError, RuntimeError) as exc:  # processes cannot start here
+        reason = f"cannot start worker processes: {exc}"
+        _forget(pool, reason)
+        raise PoolUnavailable(reason) from exc
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        reason = f"a worker process ended: {exc}"
+        _forget(pool, reason)
+        raise PoolUnavailable(reason) from exc
 
 
 def shutdown() -> None:

@@ -212,8 +212,12 @@ class LayerPacker:
         return _Packed(packed, blobs, sum(s.seconds for s in sinks))
 
     def _pack_in_process(self, paths: tuple[str, ...], spool: str) -> _Packed:
-        """Pack a store layer in a worker process, then publish its blobs."""
-        packed, spooled = procpool.pack_store_layer(paths, self.settings.outputs(), spool)
+        """Pack a store layer in a worker process, then publish its blobs;
+        on this thread when worker processes are unavailable."""
+        try:
+            packed, spooled = procpool.pack_store_layer(paths, self.settings.outputs(), spool)
+        except procpool.PoolUnavailable:  # logged by procpool, once per failure
+            return self._pack_here(lambda outputs: archive.write_store_layer(paths, outputs))
         started = time.perf_counter()
         try:
             for blob in spooled:
