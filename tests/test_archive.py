@@ -4,6 +4,8 @@ import gzip
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -184,3 +186,37 @@ def test_a_worker_process_writes_the_same_layer_into_files(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError):
         procpool.pack_store_layer([str(store / "missing")], compressions, str(spool))
     assert sorted(spool.iterdir()) == sorted(Path(b.path) for b in blobs)
+
+
+WATCH = """
+import sys, time
+from nixery.assembly import procpool
+procpool._watch(int(sys.argv[1]))
+print("watching", flush=True)
+time.sleep(60)
+"""
+# As a system call filter that refuses pidfd_open (some sandboxes do).
+NO_PIDFD = """
+import os
+def refused(pid, flags=0):
+    raise PermissionError(1, "Operation not permitted")
+os.pidfd_open = refused
+"""
+
+
+@pytest.mark.parametrize("prelude", ["", NO_PIDFD], ids=["pidfd", "no pidfd"])
+def test_a_worker_ends_when_the_server_ends(prelude: str) -> None:
+    server = subprocess.Popen(["sleep", "60"])
+    worker = subprocess.Popen(
+        [sys.executable, "-c", prelude + WATCH, str(server.pid)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() == "watching\n"
+        assert worker.poll() is None
+        server.kill()
+        server.wait()
+        assert worker.wait(10) == 1
+    finally:
+        server.kill()
+        worker.kill()
+        worker.wait()

@@ -75,15 +75,31 @@ def _watch(server: int) -> None:
     waits for work on a pipe it also holds the writing end of, so otherwise
     it would outlive a server killed with `kill -9`, waiting forever."""
     try:
-        pidfd = os.pidfd_open(server)
+        pidfd: int | None = os.pidfd_open(server)
     except ProcessLookupError:
         os._exit(1)
+    except OSError:  # no pidfd here (an old kernel, a system call filter): poll
+        pidfd = None
 
     def wait() -> None:
-        select.select([pidfd], [], [])  # readable once the process has ended
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the process has ended
+        else:
+            while _exists(server):
+                time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=wait, name="nixery-server-watch", daemon=True).start()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 _lock = threading.Lock()
