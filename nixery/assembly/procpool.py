@@ -10,11 +10,12 @@ in this process.
 
 The pool is shared by the whole process, started at its first use and sized
 to the cores. Workers are forked from a fork server (a fresh process that
-has imported this module only), never from the server itself, which has
-threads; they exit with the server, however it ends. When workers cannot
-be started (e.g. a sandbox that forbids what they need) or one dies, the
-caller gets `PoolUnavailable` and packs on its own thread; processes are
-tried again after `RETRY_AFTER` seconds.
+has imported this module and, as multiprocessing does, the program's main
+script), never from the server itself, which has threads; they exit with
+the server, however it ends. When workers cannot be started (e.g. a
+sandbox that forbids what they need) or one dies, the caller gets
+`PoolUnavailable` and packs on its own thread; processes are tried again
+after `RETRY_AFTER` seconds.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def _executor() -> ProcessPoolExecutor:
     with _lock:
         if _pool is None:
             context = multiprocessing.get_context("forkserver")
-            # Workers fork from a fresh single-threaded server process that
-            # holds only this module, not the program's main module.
+            # Workers fork from a fresh single-threaded process that has
+            # imported this module, not from this process and its threads.
             context.set_forkserver_preload([__name__])
             _pool = ProcessPoolExecutor(
                 max_workers=host_cores(),
