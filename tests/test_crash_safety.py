@@ -197,10 +197,18 @@ def request_in_background(server: Server, name: str) -> threading.Thread:
 def wait_for_blob_write(storage: Path, timeout: float = 120) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p.name.startswith("blob-") and p.stat().st_size > 0 for p in tmp_files(storage)):
+        if any(p.name.startswith("blob-") and size(p) > 0 for p in tmp_files(storage)):
             return True
         time.sleep(0.005)
     return False
+
+
+def size(path: Path) -> int:
+    """The file's size; 0 once it has been renamed into place (or removed)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def wait_at_the_gate(server: Server, image: str, timeout: float = 120) -> bool:
