@@ -8,11 +8,13 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from nixery.assembly import archive
 from nixery.assembly.archive import (
     GZIP,
     ZSTD,
@@ -164,6 +166,35 @@ def test_a_failing_sink_fails_the_layer_and_stops_its_threads(tmp_path: Path) ->
     # The layer's own threads, not whatever else the process may start meanwhile.
     left = [t for t in set(threading.enumerate()) - before if t.name == "nixery-encoder"]
     assert left == [], [(t.name, t.daemon) for t in threading.enumerate()]
+
+
+class FailingAtOnce:
+    """A sink that fails on its first write, and says when it has."""
+
+    def __init__(self) -> None:
+        self.failed = threading.Event()
+
+    def write(self, data: bytes) -> int:
+        self.failed.set()
+        raise OSError("disk full")
+
+
+def test_a_failure_seen_at_the_last_chunk_stops_the_threads_too() -> None:
+    # The encoder fails on a whole chunk; the producer first learns of it when
+    # it hands over the last, partial chunk, in `finish`.
+    before = set(threading.enumerate())
+    sink = FailingAtOnce()
+    tap = archive._Tap([Output(Compression(GZIP, 1), sink)], threaded=True)
+    tap.write(os.urandom(archive.CHUNK))
+    assert sink.failed.wait(60)
+    encoder = tap._encoders[0]
+    while encoder._error is None:  # set just after the sink raised
+        time.sleep(0.001)
+    tap.write(b"the rest")
+    with pytest.raises(OSError, match="disk full"):
+        tap.finish()
+    left = [t for t in set(threading.enumerate()) - before if t.name == "nixery-encoder"]
+    assert left == []
 
 
 def test_a_worker_process_writes_the_same_layer_into_files(tmp_path: Path) -> None:

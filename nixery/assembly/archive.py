@@ -220,10 +220,10 @@ class _Tap:
         return self._size
 
     def finish(self) -> PackedLayer:
-        if self._fill:
-            self._emit(bytes(self._view[: self._fill]))
-            self._fill = 0
         try:
+            if self._fill:  # an encoder may fail on this last chunk too
+                self._emit(bytes(self._view[: self._fill]))
+                self._fill = 0
             for encoder in self._encoders:
                 encoder.close()
         except BaseException:
