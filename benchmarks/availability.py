@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from benchmarks.common import machine, nixery_from, require, table
+from benchmarks.common import machine, nixery, require, table
 from benchmarks.serve import curl, distribution
 from tests.attack import Prober, SlowClients, connect_from
 
@@ -118,10 +118,11 @@ def main() -> None:
         (root / "old").mkdir()
         (root / "dist").mkdir()
         with (
-            nixery_from(tree, root / "new" / "storage") as new,
+            nixery(storage=root / "new" / "storage", tree=tree) as new_server,
             distribution(root / "dist") as registry,
-            nixery_from(args.baseline_tree or tree, root / "old" / "storage") as old,
+            nixery(storage=root / "old" / "storage", tree=args.baseline_tree or tree) as old_server,
         ):
+            new, old = new_server.host, old_server.host
             digest, size = blob_digest(new, IMAGE)
             blob_digest(old, IMAGE)  # built there too
             subprocess.run(

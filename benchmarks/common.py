@@ -95,8 +95,10 @@ def _status_kib(pid: int, field: str) -> int:
 
 
 @contextmanager
-def nixery(*args: str, storage: Path | None = None) -> Iterator[Server]:
-    """A real `nixery serve` on a free port, stopped on exit."""
+def nixery(*args: str, storage: Path | None = None, tree: Path | None = None) -> Iterator[Server]:
+    """A real `nixery serve` on a free port, stopped on exit; with `tree`, the
+    `nixery` of that source tree (e.g. main before a change)."""
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     with tempfile.TemporaryDirectory(prefix="nixery-bench-") as tmp:
         storage = storage or Path(tmp) / "storage"
         port = free_port()
@@ -107,7 +109,7 @@ def nixery(*args: str, storage: Path | None = None) -> Iterator[Server]:
         if not any(a in args for a in ("--pkgs-path", "--channel", "--pkgs-repo")):
             argv += ["--pkgs-path", str(FIXTURE_PKGS)]
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=fh, stderr=subprocess.STDOUT)
         server = Server(proc, port, storage, log)
         try:
             wait_http(server.url + "/v2/")
@@ -222,22 +224,3 @@ def build_in_process(
     )
     service.manifest(image, "latest", negotiate([OCI]))
     return recorder.profiles[0] if recorder.profiles else None
-
-
-@contextmanager
-def nixery_from(tree: Path, storage: Path) -> Iterator[str]:
-    """`nixery serve` from the source tree `tree`; yields host:port."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    argv = [sys.executable, "-m", "nixery", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--storage-path", str(storage), "--pkgs-path", str(FIXTURE_PKGS),
-            "--nix-timeout", "600"]  # fmt: skip
-    storage.parent.mkdir(parents=True, exist_ok=True)
-    with open(storage.parent / f"server-{port}.log", "wb") as log:
-        proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v2/")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)

@@ -29,7 +29,7 @@ from benchmarks.common import (
     OCI,
     REFERENCE_IMAGE,
     machine,
-    nixery_from,
+    nixery,
     require,
     table,
 )
@@ -96,10 +96,11 @@ def main() -> None:
         root = Path(tmp)
         (root / "dist").mkdir()
         with (
-            nixery_from(tree, root / "new" / "storage") as new,
+            nixery(storage=root / "new" / "storage", tree=tree) as new_server,
             distribution(root / "dist") as registry,
-            nixery_from(args.baseline_tree or tree, root / "old" / "storage") as old,
+            nixery(storage=root / "old" / "storage", tree=args.baseline_tree or tree) as old_server,
         ):
+            new, old = new_server.host, old_server.host
             doc = fetch_manifest(new, image)
             fetch_manifest(old, image)  # built there too
             subprocess.run(
