@@ -129,20 +129,7 @@ class LayerPacker:
 
     def _store_layer(self, group: LayerGroup) -> LayerResult:
         key = f"layers/{cache_key(FORMAT_VERSION, group.paths, self.settings.encoding())}.json"
-        spool = self.storage.spool_dir()
-        if spool is not None:
-            # Packed by a worker process, where the tar's Python work does not
-            # share this process's GIL; the blobs are then published here.
-            return self._cached_layer(
-                key, group.paths, lambda: self._pack_in_process(group.paths, spool)
-            )
-        return self._cached_layer(
-            key,
-            group.paths,
-            lambda: self._pack_here(
-                lambda outputs: archive.write_store_layer(group.paths, outputs)
-            ),
-        )
+        return self._cached_layer(key, group.paths, lambda: self._pack_store(group.paths))
 
     def _root_layer(
         self, packages: Sequence[ResolvedPackage], user: ImageUser | None
@@ -211,13 +198,22 @@ class LayerPacker:
             blobs = [Blob(sink.commit(), sink.writer.size) for sink in sinks]
         return _Packed(packed, blobs, sum(s.seconds for s in sinks))
 
-    def _pack_in_process(self, paths: tuple[str, ...], spool: str) -> _Packed:
-        """Pack a store layer in a worker process, then publish its blobs;
-        on this thread when worker processes are unavailable."""
-        try:
-            packed, spooled = procpool.pack_store_layer(paths, self.settings.outputs(), spool)
-        except procpool.PoolUnavailable:  # logged by procpool, once per failure
-            return self._pack_here(lambda outputs: archive.write_store_layer(paths, outputs))
+    def _pack_store(self, paths: tuple[str, ...]) -> _Packed:
+        """A store layer: with local storage in a worker process, where the
+        tar's Python work does not share this process's GIL; on this thread
+        for S3, or when worker processes are unavailable."""
+        spool = self.storage.spool_dir()
+        if spool is not None:
+            try:
+                packed, spooled = procpool.pack_store_layer(paths, self.settings.outputs(), spool)
+            except procpool.PoolUnavailable:  # logged by procpool, once per failure
+                pass
+            else:
+                return self._publish(packed, spooled)
+        return self._pack_here(lambda outputs: archive.write_store_layer(paths, outputs))
+
+    def _publish(self, packed: PackedLayer, spooled: list[procpool.SpooledBlob]) -> _Packed:
+        """Make a worker's blobs durable and visible in the storage."""
         started = time.perf_counter()
         try:
             for blob in spooled:
