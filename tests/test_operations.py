@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.attack import descendants
 from tests.conftest import FIXTURE_PKGS, Server, StartServer
 from tests.gated import WAITING, GatedPackage
 from tests.http import Reply, call
@@ -148,27 +149,16 @@ def test_text_logs_keep_one_line_per_event_whatever_the_path(server: Server) -> 
     assert "nixery.access: GET /v2/x/manifests/a\\n2026-01-01" in access
 
 
-def descendants(pid: int) -> dict[int, str]:
+def commands_below(pid: int) -> dict[int, str]:
     """The live processes below `pid`, with their command lines."""
-    parents: dict[int, int] = {}
-    commands: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    commands = {}
+    for child in descendants(pid):
         try:
-            stat = (entry / "stat").read_text()
-            commands[int(entry.name)] = (
-                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            )
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue  # gone meanwhile
-        # The parent's pid is the second field after the parenthesised name.
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = {}, {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier and p not in found}
-        found.update({p: commands[p] for p in frontier})
-    return found
+        commands[child] = command.replace(b"\0", b" ").decode()
+    return commands
 
 
 def alive(pid: int) -> bool:
@@ -186,7 +176,7 @@ def test_layers_are_packed_in_worker_processes_that_end_with_the_server(
 ) -> None:
     reply = call(server.host, "GET", "/v2/shell/manifests/latest", {"Accept": OCI})
     assert reply.status == 200, reply.body
-    below = descendants(server.process.pid)
+    below = commands_below(server.process.pid)
     workers = {p: c for p, c in below.items() if "multiprocessing" in c}
     assert len(workers) >= 2, below  # the fork server and at least one worker
     server.process.send_signal(stop)
@@ -199,7 +189,7 @@ def test_layers_are_packed_in_worker_processes_that_end_with_the_server(
 def test_a_build_whose_worker_processes_were_killed_packs_on_threads(server: Server) -> None:
     reply = call(server.host, "GET", "/v2/hello/manifests/latest", {"Accept": OCI})
     assert reply.status == 200, reply.body
-    below = descendants(server.process.pid).items()
+    below = commands_below(server.process.pid).items()
     workers = [p for p, c in below if "multiprocessing" in c and "resource_tracker" not in c]
     assert len(workers) >= 2  # the fork server and at least one worker
     for pid in workers:  # as the kernel's OOM killer would
