@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nixery.packages.graph import ClosureGraph, StorePath
@@ -65,6 +66,32 @@ class _Universe:
         paths = {p: StorePath(p, self.sizes[p], self.refs[p]) for p in closure}
         return ClosureGraph(tuple(sorted(set(roots))), paths)
 
+    def corpus(
+        self,
+        name: str,
+        images: int,
+        draw: Callable[[], list[str]],
+        fits: Callable[[int], bool],
+        packages: list[str],
+    ) -> Corpus:
+        """`images` images of `draw()`'s packages plus the two that every
+        image gets, each kept if `fits` its number of paths; the popularity
+        data is a popcount of the whole set (those two not counted: every
+        image has them anyway)."""
+        cacert = self.add("nss-cacert-3.95", 500 * KB, [])
+        iana = self.add("iana-etc-20231227", 600 * KB, [])
+        popularity = count_popularity(self.graph(list(self.refs)))
+        for top_level in (cacert, iana):
+            popularity.pop(top_level.split("-", 1)[1], None)
+        corpus: list[tuple[str, ClosureGraph]] = []
+        while len(corpus) < images:
+            requested = draw()
+            graph = self.graph(requested + [cacert, iana])
+            if fits(len(graph.paths)):
+                corpus.append(("/".join(sorted(p.split("-", 1)[1] for p in requested)), graph))
+        requestable = {r: frozenset(self.graph([r]).paths) for r in [*packages, cacert, iana]}
+        return Corpus(name, corpus, popularity, frozenset((cacert, iana)), requestable)
+
 
 def nixpkgs_like(seed: int, images: int = 24, chain: float = 0.6, sigma: float = 1.8) -> Corpus:
     """A package set of ~2000 paths and `images` images of 300+ paths each."""
@@ -111,27 +138,12 @@ def nixpkgs_like(seed: int, images: int = 24, chain: float = 0.6, sigma: float =
         refs = [glibc, *u.pick(core, 3), *u.pick(generic, rng.randint(3, 25), weights)]
         refs += u.pick(eco[1:], rng.randint(2, 10))
         apps.append(u.add(f"app{i}-{i % 9}.{i % 4}", u.size(2 * MB), refs))
-    cacert = u.add("nss-cacert-3.95", 500 * KB, [])
-    iana = u.add("iana-etc-20231227", 600 * KB, [])
-
-    # popcount over the whole set: every path is a top-level package.
-    popularity = count_popularity(u.graph(list(u.refs)))
-    for top_level in (cacert, iana):
-        popularity.pop(top_level.split("-", 1)[1], None)
-
-    corpus: list[tuple[str, ClosureGraph]] = []
     app_weights = [1 / (i + 1) ** 0.8 for i in range(len(apps))]
-    while len(corpus) < images:
-        chosen = u.pick(apps, rng.randint(1, 3), app_weights)
-        roots = chosen + (shell if rng.random() < 0.5 else []) + [cacert, iana]
-        graph = u.graph(roots)
-        if len(graph.paths) < 300:
-            continue
-        corpus.append(("/".join(sorted(p.split("-", 1)[1] for p in roots[:-2])), graph))
-    requestable = {r: frozenset(u.graph([r]).paths) for r in [*apps, *shell, cacert, iana]}
-    return Corpus(
-        f"synthetic seed {seed}", corpus, popularity, frozenset((cacert, iana)), requestable
-    )
+
+    def draw() -> list[str]:
+        return u.pick(apps, rng.randint(1, 3), app_weights) + (shell if rng.random() < 0.5 else [])
+
+    return u.corpus(f"synthetic seed {seed}", images, draw, lambda n: n >= 300, [*apps, *shell])
 
 
 def small_closures(seed: int, images: int = 24) -> Corpus:
@@ -148,20 +160,9 @@ def small_closures(seed: int, images: int = 24) -> Corpus:
         u.add(f"tool{i}-{i % 4}.2", u.size(3 * MB), [glibc, *u.pick(libs[1:], rng.randint(1, 6))])
         for i in range(60)
     ]
-    cacert = u.add("nss-cacert-3.95", 500 * KB, [])
-    iana = u.add("iana-etc-20231227", 600 * KB, [])
-    popularity = count_popularity(u.graph(list(u.refs)))
-    for top_level in (cacert, iana):
-        popularity.pop(top_level.split("-", 1)[1], None)
-    corpus: list[tuple[str, ClosureGraph]] = []
     weights = [1 / (i + 1) ** 0.8 for i in range(len(tools))]
-    while len(corpus) < images:
-        roots = u.pick(tools, rng.randint(1, 3), weights) + [cacert, iana]
-        graph = u.graph(roots)
-        if not 5 <= len(graph.paths) <= 40:
-            continue
-        corpus.append(("/".join(sorted(p.split("-", 1)[1] for p in roots[:-2])), graph))
-    requestable = {r: frozenset(u.graph([r]).paths) for r in [*tools, cacert, iana]}
-    return Corpus(
-        f"small closures seed {seed}", corpus, popularity, frozenset((cacert, iana)), requestable
-    )
+
+    def draw() -> list[str]:
+        return u.pick(tools, rng.randint(1, 3), weights)
+
+    return u.corpus(f"small closures seed {seed}", images, draw, lambda n: 5 <= n <= 40, tools)
