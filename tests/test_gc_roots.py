@@ -35,7 +35,7 @@ import pytest
 from nixery.errors import BuildFailed
 from nixery.packages.nix import Nix, NixSource
 from tests.clients import run, umoci_unpack
-from tests.conftest import FIXTURE_PKGS, free_port, require, wait_for
+from tests.conftest import FIXTURE_PKGS, Server, free_port, require, wait_for
 from tests.http import call
 
 pytestmark = pytest.mark.e2e
@@ -114,21 +114,6 @@ class Collector:
                 Path(f"{request}.done").touch()
 
 
-@dataclass
-class Registry:
-    host: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
 def store() -> Iterator[Store]:
     # Builders run as nixbld users: the store must be reachable by them,
@@ -153,7 +138,7 @@ def _writable_then_retry(func: Any, path: str, _exc: object) -> None:
 @pytest.fixture
 def start_registry(tmp_path: Path, store: Store) -> Iterator[Any]:
     require("bwrap")
-    started: list[Registry] = []
+    started: list[Server] = []
     # Beside the store, where builders (nixbld users) may enter.
     private = store.root.parent / "private-tmp"
     private.mkdir()
@@ -167,7 +152,7 @@ def start_registry(tmp_path: Path, store: Store) -> Iterator[Any]:
     sync = tmp_path / "sync"
     sync.mkdir()
 
-    def start(*args: str) -> Registry:
+    def start(*args: str) -> Server:
         port = free_port()
         log = tmp_path / f"server-{port}.log"
         env = {
@@ -184,7 +169,7 @@ def start_registry(tmp_path: Path, store: Store) -> Iterator[Any]:
                 "--pkgs-path", str(FIXTURE_PKGS), "--nix-timeout", "600", *args]  # fmt: skip
         with open(log, "wb") as fh:
             proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        registry = Registry(f"127.0.0.1:{port}", proc, log)
+        registry = Server(proc, f"127.0.0.1:{port}", tmp_path / "storage", log)
         started.append(registry)
         wait_for(f"http://{registry.host}/v2/", timeout=60)
         return registry
