@@ -98,14 +98,11 @@ class _FileBlobWriter(BlobWriter):
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
-            os.chmod(self._tmp, 0o644)
-            os.replace(self._tmp, self._storage.blob_path(digest))
+            self._storage.publish_blob(self._tmp, digest)
             self._tmp = None
         except OSError as exc:
             self.abort()
             raise _storage_error("storing a blob", exc) from exc
-        self._storage.verified(digest)
-        self._storage.blob_dir_changed()
 
     def abort(self) -> None:
         if not self._fh.closed:
@@ -254,19 +251,22 @@ class FilesystemStorage(Storage):
         return str(self.tmp_dir)
 
     def adopt_blob(self, path: str, digest: str) -> None:
-        # The same steps as a writer's commit: data durable, then the rename.
-        target = self.blob_path(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.chmod(path, 0o644)
-            os.replace(path, target)
+            self.publish_blob(path, digest)
         except OSError as exc:
             Path(path).unlink(missing_ok=True)
             raise _storage_error("storing a blob", exc) from exc
+
+    def publish_blob(self, path: str, digest: str) -> None:
+        """Rename the finished, already durable file at `path` into place as
+        the blob `digest` (a writer's commit and `adopt_blob` both end so)."""
+        os.chmod(path, 0o644)
+        os.replace(path, self.blob_path(digest))
         self.verified(digest)
         self.blob_dir_changed()
 
