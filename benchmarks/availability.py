@@ -23,34 +23,18 @@ import argparse
 import resource
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from benchmarks.common import machine, nixery, require, table
-from benchmarks.serve import curl, distribution
+from benchmarks.common import machine, manifest, require, table
+from benchmarks.serve import beside_distribution, curl
 from tests.attack import Prober, SlowClients, connect_from
 
 IMAGE = "bigdata"  # 64 MB of incompressible data in the fixture package set
 HEAD = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"
-
-
-def blob_digest(host: str, repository: str) -> tuple[str, int]:
-    """The largest layer of `repository`'s latest manifest: digest, size."""
-    import json
-    import urllib.request
-
-    req = urllib.request.Request(
-        f"http://{host}/v2/{repository}/manifests/latest",
-        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
-    )
-    with urllib.request.urlopen(req, timeout=900) as resp:
-        layers = json.loads(resp.read())["layers"]
-    layer = max(layers, key=lambda layer: layer["size"])
-    return layer["digest"], int(layer["size"])
 
 
 Attack = Callable[[], AbstractContextManager[object]]
@@ -111,25 +95,15 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     print(machine())
-    tree = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="nixery-bench-") as tmp:
-        root = Path(tmp)
-        (root / "new").mkdir()
-        (root / "old").mkdir()
-        (root / "dist").mkdir()
-        with (
-            nixery(storage=root / "new" / "storage", tree=tree) as new_server,
-            distribution(root / "dist") as registry,
-            nixery(storage=root / "old" / "storage", tree=args.baseline_tree or tree) as old_server,
+        with beside_distribution(Path(tmp), IMAGE, f"bench/{IMAGE}", args.baseline_tree) as (
+            new_server,
+            registry,
+            old_server,
         ):
             new, old = new_server.host, old_server.host
-            digest, size = blob_digest(new, IMAGE)
-            blob_digest(old, IMAGE)  # built there too
-            subprocess.run(
-                ["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
-                 f"docker://{new}/{IMAGE}", f"docker://{registry}/bench/{IMAGE}:latest"],
-                check=True, capture_output=True,
-            )  # fmt: skip
+            layer = max(manifest(new_server, IMAGE)["layers"], key=lambda layer: layer["size"])
+            digest, size = layer["digest"], int(layer["size"])
             servers = {"nixery (this tree)": (new, f"/v2/{IMAGE}/blobs/{digest}")}
             if args.baseline_tree:
                 servers[f"nixery ({args.baseline_tree})"] = (old, f"/v2/{IMAGE}/blobs/{digest}")

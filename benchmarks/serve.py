@@ -22,6 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     OVERLAYS,
+    Server,
     free_port,
     machine,
     manifest,
@@ -55,6 +56,31 @@ def distribution(root: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def beside_distribution(
+    root: Path, image: str, copy_as: str, baseline: Path | None
+) -> Iterator[tuple[Server, str, Server]]:
+    """Nixery from this tree, Debian's distribution holding `image` as built
+    there (copied with skopeo, named `copy_as`), and Nixery from `baseline`
+    (this tree again without one), with `image` built in both Nixery servers;
+    yields (this tree's server, distribution's host, the baseline's server)."""
+    tree = Path(__file__).resolve().parent.parent
+    (root / "dist").mkdir()
+    with (
+        nixery(storage=root / "new" / "storage", tree=tree) as new,
+        distribution(root / "dist") as registry,
+        nixery(storage=root / "old" / "storage", tree=baseline or tree) as old,
+    ):
+        manifest(new, image)
+        manifest(old, image)
+        subprocess.run(
+            ["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+             f"docker://{new.host}/{image}", f"docker://{registry}/{copy_as}:latest"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        yield new, registry, old
 
 
 @contextmanager

@@ -14,14 +14,12 @@ ratios are medians of per-round ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +27,12 @@ from benchmarks.common import (
     OCI,
     REFERENCE_IMAGE,
     machine,
-    nixery,
+    manifest,
     require,
     table,
 )
 from benchmarks.pack import reference_closure
-from benchmarks.serve import distribution
+from benchmarks.serve import beside_distribution
 
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 ACCEPT = f"{OCI}, {DOCKER}"
@@ -48,14 +46,6 @@ class Target:
     label: str
     size: int  # bytes per response, for MB/s; 0 for manifests
     paths: dict[str, str]  # server name -> request path
-
-
-def fetch_manifest(host: str, repository: str) -> dict:
-    req = urllib.request.Request(
-        f"http://{host}/v2/{repository}/manifests/latest", headers={"Accept": OCI}
-    )
-    with urllib.request.urlopen(req, timeout=900) as resp:
-        return json.loads(resp.read())
 
 
 def nearest(layers: list[dict], size: int) -> dict:
@@ -90,24 +80,15 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     reference_closure()  # built before anything is timed
     print(f"reference image: {REFERENCE_IMAGE}; {machine()}")
-    tree = Path(__file__).resolve().parent.parent
     image = REFERENCE_IMAGE
     with tempfile.TemporaryDirectory(prefix="nixery-bench-") as tmp:
-        root = Path(tmp)
-        (root / "dist").mkdir()
-        with (
-            nixery(storage=root / "new" / "storage", tree=tree) as new_server,
-            distribution(root / "dist") as registry,
-            nixery(storage=root / "old" / "storage", tree=args.baseline_tree or tree) as old_server,
+        with beside_distribution(Path(tmp), image, "bench/ref", args.baseline_tree) as (
+            new_server,
+            registry,
+            old_server,
         ):
             new, old = new_server.host, old_server.host
-            doc = fetch_manifest(new, image)
-            fetch_manifest(old, image)  # built there too
-            subprocess.run(
-                ["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
-                 f"docker://{new}/{image}", f"docker://{registry}/bench/ref:latest"],
-                check=True, capture_output=True,
-            )  # fmt: skip
+            doc = manifest(new_server, image)
             hosts = {"nixery (this tree)": (new, image)}
             if args.baseline_tree:
                 hosts[f"nixery ({args.baseline_tree})"] = (old, image)
