@@ -216,7 +216,11 @@ class S3Storage(Storage):
     # -- documents ------------------------------------------------------
 
     def get_document(self, key: str) -> bytes | None:
-        object_key = self._document_key(key)
+        found = self._read_object(self._document_key(key))
+        return None if found is None else found[0]
+
+    def _read_object(self, object_key: str) -> tuple[bytes, str] | None:
+        """A whole object and its ETag; None if there is none."""
         response = self._call(
             f"reading {object_key}",
             lambda: self.client.get_object(Bucket=self.bucket, Key=object_key),
@@ -226,7 +230,7 @@ class S3Storage(Storage):
             return None
         body = response["Body"]  # reading it whole checks the length
         try:
-            return self._call(f"reading {object_key}", body.read)
+            return self._call(f"reading {object_key}", body.read), str(response["ETag"])
         finally:
             body.close()
 
@@ -318,20 +322,8 @@ class S3Storage(Storage):
     def read_lease(self, key: str) -> Lease | None:
         if not self.leases_exclusive():
             return None
-        object_key = self._lease_key(key)
-        response = self._call(
-            f"reading {object_key}",
-            lambda: self.client.get_object(Bucket=self.bucket, Key=object_key),
-            missing_ok=True,
-        )
-        if response is None:
-            return None
-        body = response["Body"]
-        try:
-            data = self._call(f"reading {object_key}", body.read)
-        finally:
-            body.close()
-        return parse_lease(key, data, str(response["ETag"]))
+        found = self._read_object(self._lease_key(key))
+        return None if found is None else parse_lease(key, *found)
 
     def acquire_lease(self, key: str, holder: str, ttl: float) -> Lease | None:
         if not self.leases_exclusive():
